@@ -1,0 +1,894 @@
+"""STAPO: Spurious-Token-Aware Policy Optimization, in one file.
+
+Reference: Liu et al., "STAPO: Stabilizing Reinforcement Learning for LLMs by Silencing Rare
+Spurious Tokens", arXiv 2602.15620v4 (12 May 2026).
+
+One training step:
+  1. Rollouts: sample G answers for each of P math problems (B = P*G sequences).
+  2. Reward: 1 if the last \\boxed{} of an answer matches the gold answer, else 0.
+  3. Advantage: z-score of the rewards inside each group of G; every token of an answer shares it.
+  4. S2T mask: silence the "spurious" tokens, those sampled with probability < tau_p in a
+     low-entropy state inside an answer with A > 0 (about 0.01 % of tokens).
+  5. Update: clipped (clip-higher) policy-gradient loss summed over the remaining tokens and
+     divided by their number in the whole mini-batch. No KL, no entropy bonus, no value net.
+
+Left out on purpose: vLLM (HF `generate` is slower but readable), multi-GPU / multi-node,
+sequence packing, the KL term (the paper uses none).
+
+Run:   python stapo.py --model Qwen/Qwen3-1.7B-Base          (one GPU)
+       python stapo.py --model tiny --dataset toy --steps 3  (CPU smoke run, no downloads)
+Test:  pytest -q
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+# Shape legend: P prompts per step, G samples each, B = P*G, T completion tokens, V vocabulary,
+# D hidden size, L prompt + completion tokens of a micro-batch.
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: every knob, one place. Field help is the --help text.
+
+
+@dataclass
+class Config:
+    # model and data
+    model: str = field(default="Qwen/Qwen3-1.7B-Base", metadata={"help": "HF id or path; 'tiny' = random CPU model"})
+    dataset: str = field(
+        default="BytedTsinghua-SIA/DAPO-Math-17k",
+        metadata={"help": "Hub id, local .jsonl/.json/.parquet file, or 'toy' (built-in sums)"},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name"})
+    split: str = field(default="train", metadata={"help": "dataset split (local files: train)"})
+    problem_key: str | None = field(default=None, metadata={"help": "column with the problem text"})
+    answer_key: str | None = field(default=None, metadata={"help": "column with the gold answer"})
+    prompt_format: str = field(default="chat", metadata={"help": "chat (tokenizer's chat template) | plain"})
+    output_dir: str = field(default="runs/stapo", metadata={"help": "metrics, samples, checkpoints"})
+    resume: str | None = field(default=None, metadata={"help": "checkpoint folder to continue from"})
+    seed: int = field(default=0, metadata={"help": "seed of data order and sampling"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    precision: str = field(
+        default="auto", metadata={"help": "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16-autocast"}
+    )
+    # sampling
+    prompts_per_step: int = field(default=32, metadata={"help": "P: problems per step (paper: 256)"})
+    group_size: int = field(default=8, metadata={"help": "G: samples per problem"})
+    max_prompt_tokens: int = field(default=1024, metadata={"help": "problems with longer prompts are skipped"})
+    max_new_tokens: int = field(default=4096, metadata={"help": "response cap (paper: 15k)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    kv_cache_gb: float = field(default=16.0, metadata={"help": "KV-cache budget that sizes each generate call"})
+    # STAPO / S2T
+    mask: str = field(default="s2t", metadata={"help": "s2t (STAPO) | none (JustRL/DAPO) | high-entropy (20-Entropy)"})
+    tau_p: float = field(default=0.002, metadata={"help": "probability threshold of a spurious token"})
+    q: float = field(default=0.75, metadata={"help": "entropy quantile over the candidates"})
+    entropy_top: float = field(default=0.2, metadata={"help": "share of tokens kept by --mask high-entropy"})
+    # optimisation
+    steps: int = field(default=200, metadata={"help": "training steps (one rollout batch each)"})
+    lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate, constant after warm-up"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    eps_low: float = field(default=0.2, metadata={"help": "lower clip range"})
+    eps_high: float = field(default=0.28, metadata={"help": "upper clip range (clip-higher)"})
+    mini_batches: int = field(default=1, metadata={"help": "PPO updates per rollout batch (1 = on-policy)"})
+    micro_batch_tokens: int = field(default=16384, metadata={"help": "token budget of one forward/backward"})
+    logit_chunk: int = field(default=1024, metadata={"help": "tokens per LM-head chunk (0: no chunking)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute the model body in backward"})
+    # logging and checkpoints
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
+    log_samples: int = field(default=4, metadata={"help": "completions written to samples.jsonl per step"})
+
+
+def parse_args(argv=None) -> Config:
+    """CLI flags from the dataclass. With --resume, the run's saved config is the base."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            kind = {int: int, float: float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, help=help_text)
+    given = vars(parser.parse_args(argv))
+    base = {}
+    if "resume" in given:
+        base = json.loads((Path(given["resume"]) / "stapo_config.json").read_text())
+    cfg = Config(**{**base, **given})
+    if cfg.mask not in ("s2t", "none", "high-entropy"):
+        parser.error(f"--mask must be s2t, none or high-entropy, not {cfg.mask!r}")
+    if cfg.prompt_format not in ("chat", "plain"):
+        parser.error(f"--prompt-format must be chat or plain, not {cfg.prompt_format!r}")
+    if cfg.group_size < 2:
+        parser.error("--group-size must be at least 2: advantages compare the samples of a group")
+    if cfg.prompts_per_step % cfg.mini_batches:
+        parser.error("--prompts-per-step must be divisible by --mini-batches")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and prompt
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# The wrapper DAPO-Math-17k puts around every problem on the Hub; we use the paper's instruction.
+DAPO_PREFIX = (
+    "Solve the following math problem step by step. The last line of your response should be of the "
+    "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+)
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+
+
+def toy_problems() -> list[dict]:
+    """25 one-digit sums: a dataset for CPU runs that needs no files."""
+    return [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(5) for b in range(5)]
+
+
+def row_to_example(row: dict, problem_key: str | None = None, answer_key: str | None = None) -> dict | None:
+    """One dataset row -> {"problem", "answer"}, or None when it has no usable answer.
+
+    Recognised: problem/question/prompt (a string or a chat list), answer/final_answer/
+    ground_truth, DAPO's reward_model.ground_truth, or the last \\boxed{} of a solution.
+    """
+    problem = (
+        row[problem_key] if problem_key else next((row[k] for k in ("problem", "question", "prompt") if k in row), None)
+    )
+    if isinstance(problem, list):  # chat messages: the last user turn
+        problem = [m["content"] for m in problem if m.get("role", "user") == "user"][-1]
+    if answer_key:
+        answer = row[answer_key]
+    elif isinstance(row.get("reward_model"), dict):  # DAPO
+        answer = row["reward_model"].get("ground_truth")
+    elif any(k in row for k in ("answer", "final_answer", "ground_truth")):
+        answer = next((row[k] for k in ("answer", "final_answer", "ground_truth") if row.get(k) is not None), None)
+    else:  # a worked solution (MATH) or a bare gold (open-r1's DAPO copy)
+        answer = row.get("solution")
+        if isinstance(answer, str) and "\\boxed" in answer:
+            answer = extract_boxed(answer)
+    if isinstance(answer, list):
+        answer = answer[0] if answer else None
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)  # 27.0 -> "27"
+    if not isinstance(problem, str) or answer is None or not str(answer).strip():
+        return None
+    problem = problem.strip().removeprefix(DAPO_PREFIX.strip()).removesuffix(DAPO_SUFFIX.strip()).strip()
+    return {"problem": problem, "answer": str(answer).strip()}
+
+
+def load_problems(cfg: Config) -> list[dict]:
+    """Problems with gold answers from 'toy', a local file or the Hub (deduplicated by text)."""
+    if cfg.dataset == "toy":
+        return toy_problems()
+    import datasets  # imported here: the toy path and the tests do not need it
+
+    path = Path(cfg.dataset)
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        if not path.exists():
+            sys.exit(f"--dataset {path}: no such file")
+        kind = "parquet" if path.suffix == ".parquet" else "json"
+        rows = datasets.load_dataset(kind, data_files=str(path), split="train")
+    else:
+        rows = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split)
+    columns = rows.column_names
+    for key, flag in ((cfg.problem_key, "--problem-key"), (cfg.answer_key, "--answer-key")):
+        if key and key not in columns:
+            sys.exit(f"{flag} {key!r} is not a column of {cfg.dataset}; columns: {columns}")
+    has_problem = cfg.problem_key or {"problem", "question", "prompt"} & set(columns)
+    has_answer = cfg.answer_key or {"answer", "final_answer", "ground_truth", "reward_model", "solution"} & set(columns)
+    if not (has_problem and has_answer):
+        sys.exit(
+            f"{cfg.dataset}: no problem/answer columns recognised among {columns}; "
+            "name them with --problem-key and --answer-key"
+        )
+    examples, seen, skipped = [], set(), 0
+    for row in rows:
+        example = row_to_example(row, cfg.problem_key, cfg.answer_key)
+        if example is None:
+            skipped += 1
+        elif example["problem"] not in seen:  # the Hub DAPO-Math-17k repeats each problem ~100x
+            seen.add(example["problem"])
+            examples.append(example)
+    print(f"data: {len(examples)} problems from {cfg.dataset} ({skipped} rows without a usable answer skipped)")
+    if not examples:
+        sys.exit(f"{cfg.dataset}: no usable rows")
+    return examples
+
+
+def build_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> str:
+    """The problem plus the paper's instruction, in the tokenizer's chat template or as plain text."""
+    content = f"{problem}\n\n{INSTRUCTION}"
+    if prompt_format == "plain":
+        return content + "\n\n"
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompts_for_step(problems: list, step: int, n: int, seed: int) -> list:
+    """The n problems of a step: a fresh seeded permutation each epoch, so a resumed run continues
+    exactly where it stopped from the step number alone."""
+    picked = []
+    for pos in range(step * n, (step + 1) * n):
+        epoch, i = divmod(pos, len(problems))
+        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        picked.append(problems[order[i]])
+    return picked
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward: a regex verifier. The answer is the content of the last \boxed{}; both sides are
+# normalised, then compared as strings, as numbers, as tuples/intervals, then as unordered lists.
+
+MAX_ANSWER_CHARS = 2000  # longer answers are no answer: keeps every call bounded in time
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}, \\boxed 5); None if absent or unbalanced."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start + (6 if text.startswith("\\boxed", start) else 5) :]
+    body = rest.lstrip()
+    if not body.startswith("{"):
+        m = re.match(r"\s+([^\s$]+)", rest)  # \boxed 5
+        return m.group(1) if m else None
+    depth = 0
+    for i, char in enumerate(body[: MAX_ANSWER_CHARS + 2]):
+        depth += (char == "{") - (char == "}")
+        if depth == 0:
+            return body[1:i]
+    return None
+
+
+_REPLACEMENTS = [
+    ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", " "),
+    ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\displaystyle", ""), ("{,}", ","), ("~", " "),
+    ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("°", ""), ("\\%", ""), ("%", ""), ("\\$", ""),
+    ("$", ""), ("\\{", "{"), ("\\}", "}"), ("\\le", "<="), ("\\ge", ">="), ("\n", " "),
+]  # fmt: skip
+_UNIT_TEXT = re.compile(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z ]*\}(?:\^\{?\d\}?)?\s*$")
+_WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\{([^{}]*)\}")
+_UNIT_WORDS = re.compile(r"(?<=[\d}])(?:\s+[a-zA-Z]+(?:\^\d)?)+\s*$")
+_LEFT_SIDE = re.compile(r"^\s*(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*=(?!=)")
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)"
+
+
+@functools.lru_cache(maxsize=65536)
+def normalize_answer(answer: str) -> str | None:
+    """Canonical form of an answer (gold or predicted); None if it is empty or unusable."""
+    s = answer.strip()
+    if "\\boxed" in s or "\\fbox" in s:  # a gold given as \boxed{...}
+        s = extract_boxed(s) or ""
+    if not s or len(s) > MAX_ANSWER_CHARS:
+        return None
+    s = _UNIT_TEXT.sub("", s)  # 5\text{ cm}^2 -> 5
+    for old, new in _REPLACEMENTS:
+        s = s.replace(old, new)
+    for _ in range(3):  # \text{\textbf{x}} -> x
+        s = _WRAPPER.sub(r"\1", s)
+    s = _UNIT_WORDS.sub("", s.strip().rstrip("."))  # 10 degrees -> 10
+    if s.count("=") == 1:
+        s = _LEFT_SIDE.sub("", s)  # x = 5 -> 5
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac1{2}
+    s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
+    s = re.sub(r"^\(([A-Z])\)$", r"\1", s)  # (C) -> C
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    return s or None
+
+
+def to_number(s: str) -> float | None:
+    """A finite number from a normalised answer: 12, -0.5, 4.5e33, 4.5\\times10^{33}, \\frac{1}{2}, 3/4."""
+    if len(s) > 60:
+        return None
+    value = None
+    if m := re.fullmatch(_NUM, s):
+        value = float(s)
+    elif m := re.fullmatch(rf"({_NUM})(?:[eE]|\*10\^|\\times10\^|\\cdot10\^)\{{?([+-]?\d+)\}}?", s):
+        value = float(f"{m[1]}e{m[2]}")
+    elif m := re.fullmatch(r"10\^\{?([+-]?\d+)\}?", s):
+        value = float(f"1e{m[1]}")
+    elif m := re.fullmatch(rf"([+-]?)\\frac\{{({_NUM})\}}\{{({_NUM})\}}", s) or re.fullmatch(
+        rf"()({_NUM})/({_NUM})", s
+    ):
+        numerator, denominator = float(m[2]), float(m[3])
+        value = (-1 if m[1] == "-" else 1) * numerator / denominator if denominator else None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def split_top_level(s: str) -> list[str]:
+    """Split on commas outside any brackets: "(1,2),3" -> ["(1,2)", "3"]."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(s):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+    return parts + [s[start:]]
+
+
+def _bracketed(s: str) -> tuple[str, list[str], str] | None:
+    """(open, items, close) when the whole string is one bracketed group: (1,2], [3,4), {5,6}."""
+    if len(s) < 2 or s[0] not in "([{" or s[-1] not in ")]}":
+        return None
+    depth = 0
+    for i, char in enumerate(s):
+        depth += (char in "([{") - (char in ")]}")
+        if depth == 0 and i < len(s) - 1:
+            return None  # (1)+(2): the first bracket closes early
+    return s[0], split_top_level(s[1:-1]), s[-1]
+
+
+def answers_match(pred: str, gold: str) -> bool:
+    """Equality of two normalised answers."""
+    if pred == gold:
+        return True
+    x, y = to_number(pred), to_number(gold)
+    if x is not None and y is not None:
+        if re.fullmatch(r"[+-]?\d+", pred) and re.fullmatch(r"[+-]?\d+", gold):
+            return int(pred) == int(gold)  # integers: exact, whatever their size
+        return math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-12)
+    a, b = _bracketed(pred), _bracketed(gold)
+    if a and b:  # tuples and intervals: bracket types must match; sets are unordered
+        if (a[0], a[2]) != (b[0], b[2]) or len(a[1]) != len(b[1]) or len(a[1]) > 50:
+            return False
+        if a[0] == "{":
+            return _unordered_match(a[1], b[1])
+        return all(answers_match(p, g) for p, g in zip(a[1], b[1], strict=True))
+    items_pred, items_gold = split_top_level(pred), split_top_level(gold)
+    if 1 < len(items_gold) == len(items_pred) <= 50:  # bare lists: any order
+        return _unordered_match(items_pred, items_gold)
+    return False
+
+
+def _unordered_match(preds: list[str], golds: list[str]) -> bool:
+    unused = list(golds)
+    for p in preds:
+        hit = next((g for g in unused if answers_match(p, g)), None)
+        if hit is None:
+            return False
+        unused.remove(hit)
+    return True
+
+
+def verify(completion: str, gold: str) -> bool:
+    """True if the last \\boxed{} of the completion equals the gold answer. Never raises."""
+    try:
+        boxed = extract_boxed(completion)
+        pred = normalize_answer(boxed) if boxed else None
+        target = normalize_answer(str(gold))
+        return pred is not None and target is not None and answers_match(pred, target)
+    except (ValueError, OverflowError, RecursionError):  # a bug must not crash a long run
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: a Hub/local checkpoint, or a tiny random Qwen3 with a byte-level tokenizer for CPU.
+
+
+def build_tiny_tokenizer():
+    """Byte-level tokenizer (256 bytes + Qwen's three special tokens): any text, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tokenizer
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    """A 2-layer Qwen3 with random weights, shaped like the real one (GQA, tied embeddings)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        tie_word_embeddings=True, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )  # fmt: skip
+    return Qwen3ForCausalLM(config)
+
+
+def load_policy(name: str, device: torch.device, seed: int = 0):
+    """(model in fp32, tokenizer). fp32 master weights: at lr 1e-6 bf16 weights drop the update."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(tokenizer, seed)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: Qwen3-Base stops on <|endoftext|>, chat turns end on <|im_end|>."""
+    ids = {tokenizer.eos_token_id}
+    configured = model.generation_config.eos_token_id
+    ids |= set(configured if isinstance(configured, list) else [configured])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast over fp32 weights on CUDA (or when asked for); plain fp32 otherwise."""
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16-autocast" if device.type == "cuda" else "fp32")
+    if precision == "bf16-autocast":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Rollouts:
+    prompts: list[torch.Tensor]  # B prompt-id tensors (each prompt repeated G times)
+    completions: torch.Tensor  # (B, T) sampled ids, pad after the end
+    completion_mask: torch.Tensor  # (B, T) bool: up to and including the first EOS
+    truncated: torch.Tensor  # (B,) bool: no EOS within max_new_tokens
+
+    def lengths(self) -> list[int]:
+        """Prompt + completion tokens of every sequence, for token-budget micro-batches."""
+        return [len(p) + n for p, n in zip(self.prompts, self.completion_mask.sum(1).tolist(), strict=True)]
+
+
+def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both (b, max_len), padded on the left as generate expects."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s) :] = s
+        mask[row, width - len(s) :] = 1
+    return ids, mask
+
+
+def kv_cache_bytes_per_token(model) -> int:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2  # K and V, bf16
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: str = "rollouts") -> Rollouts:
+    """One sampled completion per prompt, in chunks sized so the KV cache fits cfg.kv_cache_gb."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    eos = eos_token_ids(model, tokenizer)
+    gen_config = GenerationConfig(
+        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    per_sequence = kv_cache_bytes_per_token(model) * (max(len(p) for p in prompts) + cfg.max_new_tokens)
+    chunk = max(1, int(cfg.kv_cache_gb * 2**30 // per_sequence))
+    was_training = model.training
+    model.eval()
+    completions = []
+    with tqdm(total=len(prompts), desc=desc, leave=False, disable=None) as bar:
+        for start in range(0, len(prompts), chunk):
+            ids, mask = left_pad(prompts[start : start + chunk], tokenizer.pad_token_id)
+            with autocast(cfg, device):
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config
+                )
+            completions += list(out[:, ids.shape[1] :].cpu())
+            bar.update(len(ids))
+    model.train(was_training)
+
+    # Cut each completion after its first EOS, which stays in (it is the answer's last action).
+    width = max(1, max(len(c) for c in completions))
+    ids = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+    completion_mask = torch.zeros((len(completions), width), dtype=torch.bool)  # (B, T)
+    truncated = torch.zeros(len(completions), dtype=torch.bool)  # (B,)
+    eos_t = torch.tensor(eos)
+    for row, c in enumerate(completions):
+        hits = torch.isin(c, eos_t).nonzero()
+        n = int(hits[0]) + 1 if len(hits) else len(c)
+        truncated[row] = len(hits) == 0
+        ids[row, :n] = c[:n]
+        completion_mask[row, :n] = True
+    return Rollouts(prompts, ids, completion_mask, truncated)
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probs and entropy, in chunks of tokens so (B, T, V) fp32 logits never exist at once.
+
+
+def _chunk_logp_entropy(hidden, weight, targets, temperature: float, with_entropy: bool):
+    """hidden (n, D), weight (V, D), targets (n,) -> logp (n,), entropy (n,) or None."""
+    logits = (hidden @ weight.T).float() / temperature  # (n, V) fp32, as the sampler saw them
+    log_z = logits.logsumexp(-1)  # (n,)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - log_z  # (n,)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        entropy = log_z - (logits.softmax(-1) * logits).sum(-1)  # (n,)  H = log Z - E_pi[logit]
+    return logp, entropy
+
+
+def token_logp(hidden, weight, targets, temperature: float, chunk: int, with_entropy: bool = False):
+    """hidden (b, T, D) -> logp (b, T) of targets and entropy (b, T), LM head applied chunk by chunk.
+
+    With gradients on, each chunk is checkpointed: backward recomputes its logits, so training
+    memory is O(chunk x V) instead of O(b x T x V). chunk <= 0 computes everything at once.
+    """
+    b, T, D = hidden.shape
+    hidden, targets = hidden.reshape(b * T, D), targets.reshape(b * T)
+    chunk = chunk if chunk > 0 else b * T
+    recompute = torch.is_grad_enabled() and chunk < b * T
+    logps, entropies = [], []
+    for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True):
+        if recompute:
+            lp, ent = checkpoint(_chunk_logp_entropy, h, weight, t, temperature, with_entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logp_entropy(h, weight, t, temperature, with_entropy)
+        logps.append(lp)
+        entropies.append(ent)
+    logp = torch.cat(logps).view(b, T)
+    return logp, torch.cat(entropies).view(b, T) if with_entropy else None
+
+
+def sequence_logp(model, rollouts: Rollouts, rows: list[int], cfg: Config, with_entropy: bool = False):
+    """logp (b, T) of the sampled tokens of `rows` (and entropy), T = their longest completion.
+
+    Layout: [left pad | prompt | completion | right pad]; position ids count real tokens only,
+    exactly as generate() numbered the left-padded prompt, so training log-probs equal sampling ones.
+    """
+    device = next(model.parameters()).device
+    T = int(rollouts.completion_mask[rows].sum(1).max())
+    prompt_ids, prompt_mask = left_pad([rollouts.prompts[r] for r in rows], 0)
+    completions = rollouts.completions[rows, :T]  # (b, T)
+    input_ids = torch.cat([prompt_ids, completions], 1).to(device)  # (b, L)
+    attention_mask = torch.cat([prompt_mask, rollouts.completion_mask[rows, :T].long()], 1).to(device)  # (b, L)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (b, L)
+    with autocast(cfg, device):
+        hidden = model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (b, L, D)
+        hidden = hidden[:, prompt_ids.shape[1] - 1 : -1]  # (b, T, D): the state that predicts each completion token
+        weight = model.get_output_embeddings().weight  # (V, D)
+        return token_logp(hidden, weight, completions.to(device), cfg.temperature, cfg.logit_chunk, with_entropy)
+
+
+def micro_batches(rollouts: Rollouts, rows: list[int], token_budget: int) -> list[list[int]]:
+    """Split rows into micro-batches whose padded size (rows x longest) fits token_budget.
+    Sorting by length first keeps padding small."""
+    lengths = rollouts.lengths()
+    batches, current = [], []
+    for r in sorted(rows, key=lambda r: lengths[r]):
+        if current and (len(current) + 1) * lengths[r] > token_budget:
+            batches.append(current)
+            current = []
+        current.append(r)
+    return batches + [current] if current else batches
+
+
+@torch.no_grad()
+def score(model, rollouts: Rollouts, rows: list[int], cfg: Config):
+    """logp and entropy (B, T) of the given rows under the current policy, without gradient."""
+    B, T = rollouts.completions.shape
+    logp, entropy = torch.zeros(B, T), torch.zeros(B, T)
+    for mb in micro_batches(rollouts, rows, cfg.micro_batch_tokens):
+        lp, ent = sequence_logp(model, rollouts, mb, cfg, with_entropy=True)
+        logp[mb, : lp.shape[1]] = lp.cpu()
+        entropy[mb, : ent.shape[1]] = ent.cpu()
+    return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages, the S2T mask and the loss: the math of the paper, on (B, T) tensors.
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """rewards (B,) -> advantages (B,): z-score inside each group of G samples of one prompt.
+    A group whose rewards are all equal carries no signal and gets A = 0."""
+    groups = rewards.float().view(-1, group_size)  # (P, G)
+    mean, std = groups.mean(1, keepdim=True), groups.std(1, keepdim=True)  # (P, 1)
+    return ((groups - mean) / (std + eps)).view(-1)  # (B,); std = 0 gives exactly 0
+
+
+def s2t_candidates(logp, entropy, advantages, completion_mask, tau_p: float, q: float):
+    """Candidates C = {A > 0 and p < tau_p} and tau_h, the q-quantile of H over C (None if |C| < 2)."""
+    candidates = (advantages[:, None] > 0) & completion_mask & (logp.exp() < tau_p)  # (B, T)
+    if candidates.sum() < 2:
+        return candidates, None
+    return candidates, torch.quantile(entropy[candidates].float(), q)  # linear interpolation
+
+
+def s2t_mask(logp, entropy, advantages, completion_mask, tau_p: float = 0.002, q: float = 0.75):
+    """(B, T) bool, True where a token is spurious (S2T, arXiv 2602.15620v4, Sec. 4).
+
+    The gradient norm of a token's logits is bounded below by |w|^2 (1 - 2p + e^{-H}): it is largest
+    when the sampled token was unlikely (p small) while the model was confident (H small). Inside a
+    correct answer (A > 0) such a token is pushed up hard although it is most likely noise that the
+    answer survived, not the reason it is right. Silence those: p < tau_p and H below the q-quantile
+    of H over all such low-probability candidates of the mini-batch.
+    """
+    candidates, tau_h = s2t_candidates(logp, entropy, advantages, completion_mask, tau_p, q)
+    if tau_h is None:
+        return torch.zeros_like(candidates)
+    return candidates & (entropy < tau_h)  # (B, T), strict
+
+
+def high_entropy_keep(entropy, completion_mask, top: float = 0.2):
+    """20-Entropy baseline: keep the tokens whose H is in the top `top` share of the mini-batch."""
+    values = entropy[completion_mask].float()  # (N,)
+    k = max(1, math.ceil(top * values.numel()))
+    threshold = values.topk(k).values.min()  # topk, not quantile: no 16M-element limit
+    return completion_mask & (entropy >= threshold)  # (B, T)
+
+
+def policy_loss(logp, old_logp, advantages, keep, num_kept, eps_low: float = 0.2, eps_high: float = 0.28):
+    """-sum(keep * s) / num_kept with the clipped surrogate s = min(rho A, clip(rho, 1-eps_low, 1+eps_high) A).
+
+    num_kept is the kept-token count of the whole mini-batch, not of this micro-batch: every
+    micro-batch is then one slice of the same sum and the gradient is independent of how the
+    mini-batch is split. Silenced tokens leave the numerator and the denominator.
+    """
+    log_ratio = torch.where(keep, logp - old_logp, 0.0)  # (B, T)
+    ratio = log_ratio.exp()  # (B, T)
+    adv = advantages[:, None]  # (B, 1)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)  # (B, T)
+    return -torch.where(keep, surrogate, 0.0).sum() / max(float(num_kept), 1.0)  # scalar; 0 if nothing kept
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg: Config):
+    """The mini-batch updates of one step. Returns step statistics and the silenced tokens."""
+    B = len(rollouts.prompts)
+    stats = {"n_candidates": 0, "n_spurious": 0, "tau_h": [], "clipped": 0, "n_kept": 0, "loss": 0.0, "grad_norm": []}
+    silenced = []
+    rows_per_mini_batch = B // cfg.mini_batches
+    for k in range(cfg.mini_batches):
+        rows = list(range(k * rows_per_mini_batch, (k + 1) * rows_per_mini_batch))
+        # p and H from the policy at the start of this mini-batch (= the rollout policy for the first).
+        logp_now, entropy_now = (old_logp, entropy) if k == 0 else score(model, rollouts, rows, cfg)
+        mask = torch.zeros_like(rollouts.completion_mask)
+        mask[rows] = rollouts.completion_mask[rows]  # (B, T): this mini-batch's completion tokens
+        if cfg.mask == "s2t":
+            spurious = s2t_mask(logp_now, entropy_now, advantages, mask, cfg.tau_p, cfg.q)  # (B, T)
+            candidates, tau_h = s2t_candidates(logp_now, entropy_now, advantages, mask, cfg.tau_p, cfg.q)
+            keep = mask & ~spurious  # (B, T)
+            stats["n_candidates"] += int(candidates.sum())
+            stats["n_spurious"] += int(spurious.sum())
+            if tau_h is not None:
+                stats["tau_h"].append(float(tau_h))
+            for i, t in spurious.nonzero().tolist():
+                silenced.append({"row": i, "t": t, "p": math.exp(logp_now[i, t]), "H": float(entropy_now[i, t]),
+                                 "A": float(advantages[i]), "tau_h": float(tau_h)})  # fmt: skip
+        elif cfg.mask == "high-entropy":
+            keep = high_entropy_keep(entropy_now, mask, cfg.entropy_top)
+        else:
+            keep = mask
+        num_kept = int(keep.sum())  # the denominator: kept tokens of the whole mini-batch
+
+        optimizer.zero_grad(set_to_none=True)
+        device = next(model.parameters()).device
+        for mb in micro_batches(rollouts, rows, cfg.micro_batch_tokens):
+            logp, _ = sequence_logp(model, rollouts, mb, cfg)  # (b, T')
+            T = logp.shape[1]
+            old, kept, adv = (x.to(device) for x in (old_logp[mb, :T], keep[mb, :T], advantages[mb]))
+            loss = policy_loss(logp, old, adv, kept, num_kept, cfg.eps_low, cfg.eps_high)
+            loss.backward()
+            with torch.no_grad():
+                ratio = (logp - old).exp()
+                clipped = ((ratio > 1 + cfg.eps_high) & (adv[:, None] > 0)) | (
+                    (ratio < 1 - cfg.eps_low) & (adv[:, None] < 0)
+                )
+                stats["clipped"] += int((clipped & kept).sum())
+            stats["loss"] += loss.item() / cfg.mini_batches
+        stats["n_kept"] += num_kept
+        stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
+        optimizer.step()
+    return stats, silenced
+
+
+def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: int) -> Path:
+    """Write out/step-N atomically: a temporary folder, then one rename."""
+    out = Path(cfg.output_dir)
+    final, tmp = out / f"step-{step:06d}", out / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # safetensors
+    tokenizer.save_pretrained(tmp)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+    torch.save(state, tmp / "trainer_state.pt")
+    (tmp / "stapo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def log_line(m: dict) -> str:
+    tau_h = f"{m['tau_h']:.3f}" if m["tau_h"] is not None else "  -  "
+    return (
+        f"step {m['step']:>4}/{m['steps']} | reward {m['reward']:.3f} | zero-std {m['frac_zero_std']:.2f} | "
+        f"len {m['len_mean']:6.1f} | trunc {m['truncated_frac']:.2f} | H {m['entropy']:.3f} | "
+        f"silenced {m['n_spurious']:>3}/{m['n_candidates']:<4} ({100 * m['spurious_frac']:.4f}%) tau_h {tau_h} | "
+        f"clip {100 * m['clip_frac']:.2f}% | loss {m['loss']:+.4f} | gnorm {m['grad_norm']:.3f} | "
+        f"lr {m['lr']:.1e} | gen {m['gen_s']:.1f}s train {m['train_s']:.1f}s"
+    )
+
+
+def append_jsonl(path: Path, records: list[dict]):
+    with path.open("a") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg: Config) -> tuple[dict, dict]:
+    """One rollout batch and its updates. Returns (metrics, records for the jsonl files)."""
+    G = cfg.group_size
+    # 1. rollouts: every problem G times
+    t0 = time.time()
+    examples = prompts_for_step(problems, step, cfg.prompts_per_step, cfg.seed)
+    prompts = [e["prompt_ids"] for e in examples for _ in range(G)]  # B prompts
+    rollouts = generate(model, tokenizer, prompts, cfg, desc=f"step {step + 1} rollouts")
+    texts = [
+        tokenizer.decode(c[m], skip_special_tokens=True)
+        for c, m in zip(rollouts.completions, rollouts.completion_mask, strict=True)
+    ]
+    # 2. rewards, 3. advantages
+    golds = [e["answer"] for e in examples for _ in range(G)]
+    rewards = torch.tensor([float(verify(t, g)) for t, g in zip(texts, golds, strict=True)])  # (B,)
+    advantages = group_advantages(rewards, G)  # (B,)
+    gen_s = time.time() - t0
+
+    # 4. S2T mask and 5. the clipped update, against the rollout policy's log-probs
+    t0 = time.time()
+    old_logp, entropy = score(model, rollouts, list(range(len(prompts))), cfg)  # (B, T) each
+    stats, silenced = ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg)
+    train_s = time.time() - t0
+
+    n_tokens = int(rollouts.completion_mask.sum())
+    metrics = {
+        "step": step + 1, "steps": cfg.steps, "reward": rewards.mean().item(),
+        "frac_zero_std": (rewards.view(-1, G).std(1) == 0).float().mean().item(),
+        "len_mean": n_tokens / len(prompts), "truncated_frac": rollouts.truncated.float().mean().item(),
+        "entropy": entropy[rollouts.completion_mask].mean().item(),
+        "n_candidates": stats["n_candidates"], "n_spurious": stats["n_spurious"],
+        "spurious_frac": stats["n_spurious"] / max(1, n_tokens),
+        "tau_h": sum(stats["tau_h"]) / len(stats["tau_h"]) if stats["tau_h"] else None,
+        "clip_frac": stats["clipped"] / max(1, stats["n_kept"]), "loss": stats["loss"],
+        "grad_norm": sum(stats["grad_norm"]) / len(stats["grad_norm"]),
+        "lr": optimizer.param_groups[0]["lr"], "gen_s": gen_s, "train_s": train_s,
+    }  # fmt: skip
+    records = {
+        "samples": [
+            {"step": step + 1, "problem": examples[i // G]["problem"], "gold": golds[i],
+             "reward": rewards[i].item(), "completion": texts[i]}
+            for i in range(min(cfg.log_samples, len(texts)))
+        ],
+        "spurious": [inspect_token(s, rollouts, tokenizer, step + 1) for s in silenced],
+    }  # fmt: skip
+    return metrics, records
+
+
+def train(cfg: Config):
+    device = resolve_device(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(dataclasses.asdict(cfg), indent=2))
+    (out / "stapo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    model, tokenizer = load_policy(cfg.resume or cfg.model, device, cfg.seed)
+    problems = []
+    for e in load_problems(cfg):
+        ids = tokenizer(build_prompt(e["problem"], tokenizer, cfg.prompt_format), add_special_tokens=False)["input_ids"]
+        if len(ids) <= cfg.max_prompt_tokens:
+            problems.append({**e, "prompt_ids": torch.tensor(ids)})
+    print(f"data: {len(problems)} problems with prompts of at most {cfg.max_prompt_tokens} tokens")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    start = 0
+    if cfg.resume:
+        state = torch.load(Path(cfg.resume) / "trainer_state.pt", weights_only=False)  # our own file
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        start = state["step"]
+        print(f"resumed from {cfg.resume} at step {start}")
+
+    # Ctrl-C (or SIGTERM) once: finish this step, save, exit. Twice: stop at once.
+    stop = []
+
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to quit now)")
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for step in range(start, cfg.steps):
+            metrics, records = train_step(model, tokenizer, optimizer, problems, step, cfg)
+            scheduler.step()
+            tqdm.write(log_line(metrics))
+            append_jsonl(out / "metrics.jsonl", [metrics])
+            append_jsonl(out / "samples.jsonl", records["samples"])
+            append_jsonl(out / "spurious.jsonl", records["spurious"])
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
+                print(f"saved {save_checkpoint(model, tokenizer, optimizer, scheduler, cfg, step + 1)}")
+            if stop:
+                break
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return model
+
+
+def inspect_token(s: dict, rollouts: Rollouts, tokenizer, step: int, context: int = 8) -> dict:
+    """A silenced token with a few decoded tokens of context on each side."""
+    ids = rollouts.completions[s["row"], rollouts.completion_mask[s["row"]]].tolist()
+    t = s["t"]
+    return {
+        "step": step, "token": tokenizer.decode(ids[t : t + 1]),
+        "left": tokenizer.decode(ids[max(0, t - context) : t]), "right": tokenizer.decode(ids[t + 1 : t + 1 + context]),
+        "p": s["p"], "H": s["H"], "A": s["A"], "tau_h": s["tau_h"], "sample": s["row"], "position": t,
+    }  # fmt: skip
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
