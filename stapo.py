@@ -98,6 +98,9 @@ class Config:
     log_samples: int = field(default=4, metadata={"help": "completions written to samples.jsonl per step"})
 
 
+TINY_DEFAULTS = {"prompts_per_step": 8, "max_new_tokens": 64}
+
+
 def parse_args(argv=None) -> Config:
     """CLI flags from the dataclass. With --resume, the run's saved config is the base."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
@@ -113,6 +116,9 @@ def parse_args(argv=None) -> Config:
     base = {}
     if "resume" in given:
         base = json.loads((Path(given["resume"]) / "stapo_config.json").read_text())
+    if given.get("model", base.get("model")) == "tiny":  # CPU-sized unless set: seconds per step, not minutes
+        given = {**TINY_DEFAULTS, **given}
+        print(f"--model tiny: {TINY_DEFAULTS} unless given on the command line")
     cfg = Config(**{**base, **given})
     if cfg.mask not in ("s2t", "none", "high-entropy"):
         parser.error(f"--mask must be s2t, none or high-entropy, not {cfg.mask!r}")
@@ -258,7 +264,7 @@ def extract_boxed(text: str) -> str | None:
 
 
 _REPLACEMENTS = [
-    ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", " "),
+    ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
     ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\displaystyle", ""), ("{,}", ","), ("~", " "),
     ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("°", ""), ("\\%", ""), ("%", ""), ("\\$", ""),
     ("$", ""), ("\\{", "{"), ("\\}", "}"), ("\\le", "<="), ("\\ge", ">="), ("\n", " "),
@@ -280,6 +286,7 @@ def normalize_answer(answer: str) -> str | None:
     if not s or len(s) > MAX_ANSWER_CHARS:
         return None
     s = _UNIT_TEXT.sub("", s)  # 5\text{ cm}^2 -> 5
+    s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, but "\\ " is a matrix row break
     for old, new in _REPLACEMENTS:
         s = s.replace(old, new)
     for _ in range(3):  # \text{\textbf{x}} -> x
