@@ -116,10 +116,11 @@ def parse_args(argv=None) -> Config:
     base = {}
     if "resume" in given:
         base = json.loads((Path(given["resume"]) / "stapo_config.json").read_text())
+    defaults = {}
     if given.get("model", base.get("model")) == "tiny":  # CPU-sized unless set: seconds per step, not minutes
-        given = {**TINY_DEFAULTS, **given}
+        defaults = TINY_DEFAULTS
         print(f"--model tiny: {TINY_DEFAULTS} unless given on the command line")
-    cfg = Config(**{**base, **given})
+    cfg = Config(**{**defaults, **base, **given})
     if cfg.mask not in ("s2t", "none", "high-entropy"):
         parser.error(f"--mask must be s2t, none or high-entropy, not {cfg.mask!r}")
     if cfg.prompt_format not in ("chat", "plain"):

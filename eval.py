@@ -1,0 +1,275 @@
+"""Score a model on the six math benchmarks of the STAPO paper (arXiv 2602.15620v4, Sec. 5).
+
+AIME24, AIME25, AMC23 with 32 samples per problem, MATH500, Minerva, OlympiadBench with 4.
+Prompt, generation and the verifier are those of stapo.py: one definition of "correct".
+Reported per benchmark: avg@k (mean accuracy over the k samples, the paper's number), unbiased
+pass@k for k = 1, 2, 4, ..., the share of answers without \\boxed{}, mean length, truncation rate;
+and "Avg", the unweighted mean of the benchmarks' avg@k.
+
+Every sample is appended to generations.jsonl when its batch is done; rerunning the same command
+skips finished batches (each batch has its own seed, so the final table is the same as without
+the interruption). `--score FILE` rebuilds the table from a generations file without a model.
+
+    python eval.py --model runs/stapo/step-000200                # all six, from the Hub
+    python eval.py --model tiny --data-dir ../shared/benchmarks --limit 5
+    python eval.py --score evals/step-000200_t1.0_p1.0/generations.jsonl
+"""
+
+import argparse
+import json
+import math
+import sys
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import stapo
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    hub_id: str
+    split: str
+    file: str  # name in --data-dir
+    samples: int  # samples per problem in the paper
+
+
+BENCHMARKS = {
+    "aime24": Benchmark("HuggingFaceH4/aime_2024", "train", "aime24.jsonl", 32),
+    "aime25": Benchmark("math-ai/aime25", "test", "aime25.jsonl", 32),
+    "amc23": Benchmark("math-ai/amc23", "test", "amc23.jsonl", 32),
+    "math500": Benchmark("HuggingFaceH4/MATH-500", "test", "math500.jsonl", 4),
+    "minerva": Benchmark("math-ai/minervamath", "test", "minerva_math.jsonl", 4),
+    "olympiadbench": Benchmark("math-ai/olympiadbench", "test", "olympiadbench.jsonl", 4),
+}
+PRESETS = {"t1.0": (1.0, 1.0), "t0.7": (0.7, 0.9)}  # (temperature, top-p): the paper's two settings
+SETTINGS_THAT_CHANGE_SAMPLES = (
+    "model",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "seed",
+    "prompt_format",
+    "batch_size",
+    "samples",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def benchmark_example(name: str, row: dict) -> dict:
+    """A benchmark row -> {"problem", "answer"}, with each file's quirks undone."""
+    example = stapo.row_to_example(row)  # problem/question; answer, final_answer[0], or Minerva's last \boxed{}
+    if example is None:
+        raise ValueError(f"{name}: a row without a usable answer: {sorted(row)}")
+    if name == "aime25":  # "\frac" and "\triangle" lost their backslash to JSON escapes: \f, \t
+        example["problem"] = example["problem"].replace("\x0c", "\\f").replace("\t", "\\t")
+    example["answer"] = example["answer"].strip().strip("$").strip()  # OlympiadBench: $...$
+    return example
+
+
+def load_benchmark(name: str, data_dir: str | Path | None = None) -> list[dict]:
+    if name not in BENCHMARKS:
+        raise SystemExit(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    bench = BENCHMARKS[name]
+    if data_dir is not None:
+        path = Path(data_dir) / bench.file
+        if not path.exists():
+            raise SystemExit(f"{path} not found: --data-dir must hold {', '.join(b.file for b in BENCHMARKS.values())}")
+        rows = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+    else:
+        import datasets
+
+        rows = list(datasets.load_dataset(bench.hub_id, split=bench.split))
+    return [benchmark_example(name, row) for row in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k), with n samples of which c are correct."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def score_rows(rows: list[dict]) -> dict:
+    """Per-benchmark metrics from generation records."""
+    results = {}
+    for name in [b for b in BENCHMARKS if any(r["benchmark"] == b for r in rows)]:
+        mine = [r for r in rows if r["benchmark"] == name]
+        per_problem = defaultdict(list)
+        for r in mine:
+            per_problem[r["problem_idx"]].append(r["correct"])
+        n = min(len(v) for v in per_problem.values())
+        ks = [2**i for i in range(int(math.log2(n)) + 1)]
+        results[name] = {
+            "problems": len(per_problem),
+            "samples": n,
+            f"avg@{n}": sum(r["correct"] for r in mine) / len(mine),
+            **{
+                f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in per_problem.values()) / len(per_problem)
+                for k in ks
+            },
+            "no_box": sum(r["extracted"] is None for r in mine) / len(mine),
+            "mean_length": sum(r["length"] for r in mine) / len(mine),
+            "truncated": sum(r["truncated"] for r in mine) / len(mine),
+        }
+    avg_keys = [next(k for k in m if k.startswith("avg@")) for m in results.values()]
+    results["Avg"] = sum(m[k] for m, k in zip(results.values(), avg_keys, strict=True)) / max(1, len(results))
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    ks = sorted({int(k[5:]) for m in results.values() if isinstance(m, dict) for k in m if k.startswith("pass@")})
+    head = ["benchmark", "problems", "avg@k", *[f"pass@{k}" for k in ks], "no box", "mean len", "truncated"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in results.items():
+        if name == "Avg":
+            continue
+        passes = [f"{100 * m[f'pass@{k}']:.1f}" if f"pass@{k}" in m else "" for k in ks]
+        k = m["samples"]
+        avg = f"{100 * m[f'avg@{k}']:.1f} (k={k})"
+        row = [name, str(m["problems"]), avg, *passes, f"{100 * m['no_box']:.1f}", f"{m['mean_length']:.0f}",
+               f"{100 * m['truncated']:.1f}"]  # fmt: skip
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append(f"\nAvg (unweighted mean of avg@k over {len(results) - 1} benchmarks): {100 * results['Avg']:.1f}")
+    return "\n".join(lines)
+
+
+def read_generations(path: Path) -> list[dict]:
+    """Records of a generations file; a line cut short by a crash is dropped."""
+    rows = []
+    for line in path.open(encoding="utf-8"):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def write_results(rows: list[dict], out_dir: Path) -> str:
+    results = score_rows(rows)
+    table = markdown_table(results)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.md").write_text(table + "\n")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def batch_seed(seed: int, name: str, batch: int) -> int:
+    return zlib.crc32(f"{seed}/{name}/{batch}".encode())
+
+
+def evaluate(args) -> str:
+    temperature, top_p = PRESETS[args.preset]
+    temperature = args.temperature if args.temperature is not None else temperature
+    top_p = args.top_p if args.top_p is not None else top_p
+    names = args.benchmarks.split(",") if args.benchmarks else list(BENCHMARKS)
+    for name in names:
+        if name not in BENCHMARKS:
+            raise SystemExit(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    settings = {"model": args.model, "temperature": temperature, "top_p": top_p, "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed, "prompt_format": args.prompt_format, "batch_size": args.batch_size,
+                "samples": args.samples, "data": args.data_dir or "hub"}  # fmt: skip
+    out_dir = Path(args.output_dir or f"evals/{Path(args.model).name}_t{temperature}_p{top_p}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings_path, gen_path = out_dir / "settings.json", out_dir / "generations.jsonl"
+    if settings_path.exists():
+        saved = json.loads(settings_path.read_text())
+        changed = [k for k in SETTINGS_THAT_CHANGE_SAMPLES if saved.get(k) != settings[k]]
+        if changed:
+            raise SystemExit(f"{out_dir} holds samples made with other {changed}: pick another --output-dir")
+    settings_path.write_text(json.dumps(settings, indent=2))
+
+    done = read_generations(gen_path) if gen_path.exists() else []
+    gen_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))  # drop a torn last line
+    have = {(r["benchmark"], r["problem_idx"], r["sample_idx"]) for r in done}
+
+    device = stapo.resolve_device(stapo.Config(device=args.device))
+    model, tokenizer = stapo.load_policy(args.model, device)
+    cfg = stapo.Config(temperature=temperature, top_p=top_p, max_new_tokens=args.max_new_tokens,
+                       kv_cache_gb=args.kv_cache_gb, precision=args.precision)  # fmt: skip
+    selected = []
+    for name in names:
+        examples = load_benchmark(name, args.data_dir)[: args.limit]
+        k = args.samples or BENCHMARKS[name].samples
+        prompts = [tokenizer(stapo.build_prompt(e["problem"], tokenizer, args.prompt_format),
+                             add_special_tokens=False)["input_ids"] for e in examples]  # fmt: skip
+        items = [(i, j) for i in range(len(examples)) for j in range(k)]
+        selected += [(name, i, j) for i, j in items]
+        batches = [items[b : b + args.batch_size] for b in range(0, len(items), args.batch_size)]
+        for b, batch in enumerate(tqdm(batches, desc=f"{name} ({len(items)} samples)", disable=None)):
+            if all((name, i, j) in have for i, j in batch):
+                continue
+            torch.manual_seed(batch_seed(args.seed, name, b))
+            rollouts = stapo.generate(
+                model, tokenizer, [torch.tensor(prompts[i]) for i, _ in batch], cfg, desc="generate"
+            )
+            records = []
+            for row, (i, j) in enumerate(batch):
+                if (name, i, j) in have:
+                    continue
+                ids = rollouts.completions[row, rollouts.completion_mask[row]]
+                text, gold = tokenizer.decode(ids, skip_special_tokens=True), examples[i]["answer"]
+                records.append({"benchmark": name, "problem_idx": i, "sample_idx": j, "gold": gold,
+                                "extracted": stapo.extract_boxed(text), "correct": stapo.verify(text, gold),
+                                "length": len(ids), "truncated": bool(rollouts.truncated[row]),
+                                "completion": text})  # fmt: skip
+            stapo.append_jsonl(gen_path, records)
+    wanted = set(selected)
+    rows = [r for r in read_generations(gen_path) if (r["benchmark"], r["problem_idx"], r["sample_idx"]) in wanted]
+    return write_results(rows, out_dir)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="HF id, checkpoint folder, or 'tiny' (random CPU model)")
+    p.add_argument("--score", metavar="FILE", help="only rebuild the table from a generations.jsonl")
+    p.add_argument("--benchmarks", help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
+    p.add_argument("--data-dir", help="folder of local jsonl copies (default: the Hub ids)")
+    p.add_argument("--preset", choices=PRESETS, default="t1.0", help="t1.0: temperature 1.0, top-p 1.0; t0.7: 0.7/0.9")
+    p.add_argument("--temperature", type=float, help="overrides the preset")
+    p.add_argument("--top-p", type=float, help="overrides the preset")
+    p.add_argument("--samples", type=int, help="samples per problem (default: the paper's 32 or 4)")
+    p.add_argument("--max-new-tokens", type=int, help="response cap (default: the paper's 20,480; 64 for tiny)")
+    p.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per seeded generation batch")
+    p.add_argument("--kv-cache-gb", type=float, default=16.0, help="KV-cache budget of one generate call")
+    p.add_argument("--prompt-format", choices=("chat", "plain"), default="chat", help="as in training")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16-autocast")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", help="default: evals/<model>_t<temperature>_p<top-p>")
+    args = p.parse_args(argv)
+    if not args.model and not args.score:
+        p.error("give --model to evaluate, or --score FILE to rebuild a table")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = stapo.TINY_DEFAULTS["max_new_tokens"] if args.model == "tiny" else 20480
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.score:
+        path = Path(args.score)
+        if not path.exists():
+            raise SystemExit(f"--score {path}: no such file")
+        print(write_results(read_generations(path), path.parent))
+    else:
+        print(evaluate(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
