@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -91,7 +92,7 @@ class Config:
     eps_high: float = field(default=0.28, metadata={"help": "upper clip range (clip-higher)"})
     mini_batches: int = field(default=1, metadata={"help": "PPO updates per rollout batch (1 = on-policy)"})
     micro_batch_tokens: int = field(default=16384, metadata={"help": "token budget of one forward/backward"})
-    logit_chunk: int = field(default=1024, metadata={"help": "tokens per LM-head chunk (0: no chunking)"})
+    logit_chunk: int = field(default=256, metadata={"help": "tokens per LM-head chunk (0: no chunking)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute the model body in backward"})
     # logging and checkpoints
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
@@ -494,10 +495,12 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def kv_cache_bytes_per_token(model) -> int:
+def sequences_per_generate(model, prompt_len: int, cfg: Config) -> int:
+    """How many sequences one generate call may hold so their KV cache fits cfg.kv_cache_gb."""
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2  # K and V, bf16
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2  # K and V, bf16 bytes
+    return max(1, int(cfg.kv_cache_gb * 2**30 // (per_token * (prompt_len + cfg.max_new_tokens))))
 
 
 @torch.no_grad()
@@ -511,8 +514,7 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
         do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    per_sequence = kv_cache_bytes_per_token(model) * (max(len(p) for p in prompts) + cfg.max_new_tokens)
-    chunk = max(1, int(cfg.kv_cache_gb * 2**30 // per_sequence))
+    chunk = sequences_per_generate(model, max(len(p) for p in prompts), cfg)
     was_training = model.training
     model.eval()
     completions = []
@@ -548,13 +550,13 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
 
 def _chunk_logp_entropy(hidden, weight, targets, temperature: float, with_entropy: bool):
     """hidden (n, D), weight (V, D), targets (n,) -> logp (n,), entropy (n,) or None."""
-    logits = (hidden @ weight.T).float() / temperature  # (n, V) fp32, as the sampler saw them
-    log_z = logits.logsumexp(-1)  # (n,)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - log_z  # (n,)
+    logits = F.linear(hidden, weight).float()  # (n, V) fp32
+    logprobs = logits.div_(temperature).log_softmax(-1)  # (n, V): the sampler's distribution (in place: no copy)
+    logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
     if not with_entropy:
         return logp, None
     with torch.no_grad():
-        entropy = log_z - (logits.softmax(-1) * logits).sum(-1)  # (n,)  H = log Z - E_pi[logit]
+        entropy = -(logprobs.exp() * logprobs).sum(-1)  # (n,)  H = -sum_v pi(v) log pi(v), nats
     return logp, entropy
 
 
@@ -839,7 +841,7 @@ def train(cfg: Config):
             problems.append({**e, "prompt_ids": torch.tensor(ids)})
     print(f"data: {len(problems)} problems with prompts of at most {cfg.max_prompt_tokens} tokens")
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))

@@ -197,6 +197,17 @@ def test_rollouts_cut_at_first_eos_and_keep_it(tiny):
     assert eos.tolist() == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")})
 
 
+def test_generation_is_chunked_to_the_kv_cache_budget(tiny):
+    model, tok = tiny
+    # tiny: 2 layers x 2 KV heads x 16 dims x K,V x 2 bytes = 256 bytes per token
+    cfg = tiny_cfg(max_new_tokens=8, kv_cache_gb=3 * 256 * (24 + 8) / 2**30)
+    assert stapo.sequences_per_generate(model, 24, cfg) == 3
+    assert stapo.sequences_per_generate(model, 10**6, cfg) == 1  # never zero
+    prompts = [torch.arange(20, 44)] * 7  # 3 generate calls: 3 + 3 + 1
+    r = stapo.generate(model, tok, prompts, cfg)
+    assert r.completions.shape[0] == 7 and r.completion_mask[:, 0].all()
+
+
 # ----------------------------------------------------------------------------------------------
 # Updates: micro-batch invariance, precision
 
@@ -231,6 +242,19 @@ def test_micro_batch_invariance(tiny, mask):
     assert abs(whole_loss - split_loss) < 1e-6
     worst = max((whole[n] - split[n]).abs().max().item() for n in whole)
     assert worst < 1e-6, worst
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    model, tok = tiny
+    cfg = tiny_cfg(max_new_tokens=20, mask="none")
+    rollouts, advantages = rollout_batch(model, tok, cfg)
+    plain_loss, plain = one_update(model, rollouts, advantages, cfg)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.activation_checkpointing_enable()
+    checkpointed.train()
+    ckpt_loss, ckpt = one_update(checkpointed, rollouts, advantages, cfg)
+    assert abs(plain_loss - ckpt_loss) < 1e-6
+    assert max((plain[n] - ckpt[n]).abs().max().item() for n in plain) < 1e-6
 
 
 def dataclasses_replace(cfg, **changes):
