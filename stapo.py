@@ -116,6 +116,8 @@ def parse_args(argv=None) -> Config:
     given = vars(parser.parse_args(argv))
     base = {}
     if "resume" in given:
+        if not (Path(given["resume"]) / "trainer_state.pt").exists():
+            parser.error(f"--resume {given['resume']}: not a checkpoint folder (no trainer_state.pt in it)")
         base = json.loads((Path(given["resume"]) / "stapo_config.json").read_text())
     defaults = {}
     if given.get("model", base.get("model")) == "tiny":  # CPU-sized unless set: seconds per step, not minutes
@@ -232,11 +234,14 @@ def build_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> str:
 def prompts_for_step(problems: list, step: int, n: int, seed: int) -> list:
     """The n problems of a step: a fresh seeded permutation each epoch, so a resumed run continues
     exactly where it stopped from the step number alone."""
-    picked = []
+    picked, orders = [], {}
     for pos in range(step * n, (step + 1) * n):
         epoch, i = divmod(pos, len(problems))
-        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        picked.append(problems[order[i]])
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(
+                len(problems), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
+            )
+        picked.append(problems[orders[epoch][i]])
     return picked
 
 
@@ -460,12 +465,13 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(cfg.device)
 
 
+def uses_bf16(cfg: Config, device: torch.device) -> bool:
+    return cfg.precision == "bf16-autocast" or (cfg.precision == "auto" and device.type == "cuda")
+
+
 def autocast(cfg: Config, device: torch.device):
     """bf16 autocast over fp32 weights on CUDA (or when asked for); plain fp32 otherwise."""
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16-autocast" if device.type == "cuda" else "fp32")
-    if precision == "bf16-autocast":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(cfg, device) else nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,7 +505,8 @@ def sequences_per_generate(model, prompt_len: int, cfg: Config) -> int:
     """How many sequences one generate call may hold so their KV cache fits cfg.kv_cache_gb."""
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2  # K and V, bf16 bytes
+    dtype_bytes = 2 if uses_bf16(cfg, next(model.parameters()).device) else 4
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * dtype_bytes  # K and V
     return max(1, int(cfg.kv_cache_gb * 2**30 // (per_token * (prompt_len + cfg.max_new_tokens))))
 
 
@@ -520,18 +527,18 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
     completions = []
     with tqdm(total=len(prompts), desc=desc, leave=False, disable=None) as bar:
         for start in range(0, len(prompts), chunk):
-            ids, mask = left_pad(prompts[start : start + chunk], tokenizer.pad_token_id)
+            prompt_ids, prompt_mask = left_pad(prompts[start : start + chunk], tokenizer.pad_token_id)
             with autocast(cfg, device):
                 out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config
-                )
-            completions += list(out[:, ids.shape[1] :].cpu())
-            bar.update(len(ids))
+                    input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), generation_config=gen_config
+                )  # (b, L + new tokens)
+            completions += list(out[:, prompt_ids.shape[1] :].cpu())
+            bar.update(len(prompt_ids))
     model.train(was_training)
 
     # Cut each completion after its first EOS, which stays in (it is the answer's last action).
     width = max(1, max(len(c) for c in completions))
-    ids = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+    tokens = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
     completion_mask = torch.zeros((len(completions), width), dtype=torch.bool)  # (B, T)
     truncated = torch.zeros(len(completions), dtype=torch.bool)  # (B,)
     eos_t = torch.tensor(eos)
@@ -539,9 +546,9 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
         hits = torch.isin(c, eos_t).nonzero()
         n = int(hits[0]) + 1 if len(hits) else len(c)
         truncated[row] = len(hits) == 0
-        ids[row, :n] = c[:n]
+        tokens[row, :n] = c[:n]
         completion_mask[row, :n] = True
-    return Rollouts(prompts, ids, completion_mask, truncated)
+    return Rollouts(prompts, tokens, completion_mask, truncated)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -199,8 +199,8 @@ def test_rollouts_cut_at_first_eos_and_keep_it(tiny):
 
 def test_generation_is_chunked_to_the_kv_cache_budget(tiny):
     model, tok = tiny
-    # tiny: 2 layers x 2 KV heads x 16 dims x K,V x 2 bytes = 256 bytes per token
-    cfg = tiny_cfg(max_new_tokens=8, kv_cache_gb=3 * 256 * (24 + 8) / 2**30)
+    # tiny in fp32: 2 layers x 2 KV heads x 16 dims x K,V x 4 bytes = 512 bytes per token
+    cfg = tiny_cfg(max_new_tokens=8, kv_cache_gb=3 * 512 * (24 + 8) / 2**30)
     assert stapo.sequences_per_generate(model, 24, cfg) == 3
     assert stapo.sequences_per_generate(model, 10**6, cfg) == 1  # never zero
     prompts = [torch.arange(20, 44)] * 7  # 3 generate calls: 3 + 3 + 1
