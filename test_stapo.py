@@ -257,6 +257,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     assert max((plain[n] - ckpt[n]).abs().max().item() for n in plain) < 1e-6
 
 
+def test_later_mini_batches_rescore_p_and_h_under_the_updated_policy(tiny, monkeypatch):
+    model, tok = tiny
+    cfg = tiny_cfg(max_new_tokens=20, mini_batches=2, tau_p=0.01)
+    rollouts, advantages = rollout_batch(model, tok, cfg)
+    model = copy.deepcopy(model)
+    old_logp, entropy = stapo.score(model, rollouts, list(range(16)), cfg)
+    rescored, real_score = [], stapo.score
+
+    def recording_score(m, r, rows, c):
+        result = real_score(m, r, rows, c)
+        rescored.append((rows, result[0][rows].clone()))
+        return result
+
+    monkeypatch.setattr(stapo, "score", recording_score)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    stats, _ = stapo.ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg)
+    assert len(stats["grad_norm"]) == 2  # two optimizer steps
+    assert [rows for rows, _ in rescored] == [list(range(8, 16))]  # the first mini-batch reuses old_logp
+    moved = (rescored[0][1] - old_logp[8:]).abs()[rollouts.completion_mask[8:]]
+    assert moved.max() > 1e-3  # p of mini-batch 2 comes from the policy after mini-batch 1's step
+
+
 def dataclasses_replace(cfg, **changes):
     import dataclasses
 
