@@ -777,10 +777,28 @@ def log_line(m: dict) -> str:
     )
 
 
+def keep_steps_up_to(path: Path, step: int):
+    """Remove the records of steps after `step` (written after the checkpoint we resume from)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+        path.write_text("".join(lines))
+
+
 def append_jsonl(path: Path, records: list[dict]):
     with path.open("a") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def inspect_token(s: dict, rollouts: Rollouts, tokenizer, step: int, context: int = 8) -> dict:
+    """A silenced token with a few decoded tokens of context on each side."""
+    ids = rollouts.completions[s["row"], rollouts.completion_mask[s["row"]]].tolist()
+    t = s["t"]
+    return {
+        "step": step, "token": tokenizer.decode(ids[t : t + 1]),
+        "left": tokenizer.decode(ids[max(0, t - context) : t]), "right": tokenizer.decode(ids[t + 1 : t + 1 + context]),
+        "p": s["p"], "H": s["H"], "A": s["A"], "tau_h": s["tau_h"], "sample": s["row"], "position": t,
+    }  # fmt: skip
 
 
 def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg: Config) -> tuple[dict, dict]:
@@ -854,7 +872,7 @@ def train(cfg: Config):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     start = 0
     if cfg.resume:
-        state = torch.load(Path(cfg.resume) / "trainer_state.pt", weights_only=False)  # our own file
+        state = torch.load(Path(cfg.resume) / "trainer_state.pt", weights_only=True)  # tensors and numbers only
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -862,6 +880,8 @@ def train(cfg: Config):
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         start = state["step"]
+        for name in ("metrics.jsonl", "samples.jsonl", "spurious.jsonl"):  # drop steps the stop lost
+            keep_steps_up_to(out / name, start)
         print(f"resumed from {cfg.resume} at step {start}")
 
     # Ctrl-C (or SIGTERM) once: finish this step, save, exit. Twice: stop at once.
@@ -890,17 +910,6 @@ def train(cfg: Config):
         for s, handler in previous.items():
             signal.signal(s, handler)
     return model
-
-
-def inspect_token(s: dict, rollouts: Rollouts, tokenizer, step: int, context: int = 8) -> dict:
-    """A silenced token with a few decoded tokens of context on each side."""
-    ids = rollouts.completions[s["row"], rollouts.completion_mask[s["row"]]].tolist()
-    t = s["t"]
-    return {
-        "step": step, "token": tokenizer.decode(ids[t : t + 1]),
-        "left": tokenizer.decode(ids[max(0, t - context) : t]), "right": tokenizer.decode(ids[t + 1 : t + 1 + context]),
-        "p": s["p"], "H": s["H"], "A": s["A"], "tau_h": s["tau_h"], "sample": s["row"], "position": t,
-    }  # fmt: skip
 
 
 def main(argv=None):

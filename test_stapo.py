@@ -570,6 +570,8 @@ def test_one_step_end_to_end_then_resume_equals_uninterrupted(tmp_path):
     for record in map(json.loads, (tmp_path / "b" / "spurious.jsonl").open()):
         assert {"step", "token", "left", "right", "p", "H", "A", "tau_h"} <= record.keys()
 
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:  # a step the stop lost, after the checkpoint
+        f.write(json.dumps({**metrics[0], "step": 2}) + "\n")
     resumed = run_cli(["--resume", str(ckpt), "--steps", "2"])  # output dir and flags from the checkpoint
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
