@@ -172,6 +172,46 @@ def batch_seed(seed: int, name: str, batch: int) -> int:
     return zlib.crc32(f"{seed}/{name}/{batch}".encode())
 
 
+def open_run(out_dir: Path, settings: dict) -> tuple[Path, set]:
+    """The generations file of out_dir and the (benchmark, problem, sample) keys it already holds."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings_path, gen_path = out_dir / "settings.json", out_dir / "generations.jsonl"
+    if settings_path.exists():
+        saved = json.loads(settings_path.read_text())
+        changed = [k for k in SETTINGS_THAT_CHANGE_SAMPLES if saved.get(k) != settings[k]]
+        if changed:
+            raise SystemExit(f"{out_dir} holds samples made with other {changed}: pick another --output-dir")
+    settings_path.write_text(json.dumps(settings, indent=2))
+    done = read_generations(gen_path) if gen_path.exists() else []
+    gen_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))  # drop a torn last line
+    return gen_path, {(r["benchmark"], r["problem_idx"], r["sample_idx"]) for r in done}
+
+
+def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, args, cfg, gen_path: Path, have: set):
+    """k samples of every problem, in fixed seeded batches; batches already on file are skipped."""
+    prompts = [tokenizer(stapo.build_prompt(e["problem"], tokenizer, args.prompt_format),
+                         add_special_tokens=False)["input_ids"] for e in examples]  # fmt: skip
+    items = [(i, j) for i in range(len(examples)) for j in range(k)]
+    batches = [items[b : b + args.batch_size] for b in range(0, len(items), args.batch_size)]
+    for b, batch in enumerate(tqdm(batches, desc=f"{name} ({len(items)} samples)", disable=None)):
+        if all((name, i, j) in have for i, j in batch):
+            continue
+        torch.manual_seed(batch_seed(args.seed, name, b))  # a batch's samples do not depend on what ran before
+        rollouts = stapo.generate(model, tokenizer, [torch.tensor(prompts[i]) for i, _ in batch], cfg, desc="generate")
+        records = []
+        for row, (i, j) in enumerate(batch):
+            if (name, i, j) in have:
+                continue
+            ids = rollouts.completions[row, rollouts.completion_mask[row]]
+            text, gold = tokenizer.decode(ids, skip_special_tokens=True), examples[i]["answer"]
+            records.append({"benchmark": name, "problem_idx": i, "sample_idx": j, "gold": gold,
+                            "extracted": stapo.extract_boxed(text), "correct": stapo.verify(text, gold),
+                            "length": len(ids), "truncated": bool(rollouts.truncated[row]),
+                            "completion": text})  # fmt: skip
+        stapo.append_jsonl(gen_path, records)
+    return {(name, i, j) for i, j in items}
+
+
 def evaluate(args) -> str:
     temperature, top_p = PRESETS[args.preset]
     temperature = args.temperature if args.temperature is not None else temperature
@@ -184,51 +224,16 @@ def evaluate(args) -> str:
                 "seed": args.seed, "prompt_format": args.prompt_format, "batch_size": args.batch_size,
                 "samples": args.samples, "data": args.data_dir or "hub"}  # fmt: skip
     out_dir = Path(args.output_dir or f"evals/{Path(args.model).name}_t{temperature}_p{top_p}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings_path, gen_path = out_dir / "settings.json", out_dir / "generations.jsonl"
-    if settings_path.exists():
-        saved = json.loads(settings_path.read_text())
-        changed = [k for k in SETTINGS_THAT_CHANGE_SAMPLES if saved.get(k) != settings[k]]
-        if changed:
-            raise SystemExit(f"{out_dir} holds samples made with other {changed}: pick another --output-dir")
-    settings_path.write_text(json.dumps(settings, indent=2))
+    gen_path, have = open_run(out_dir, settings)
 
-    done = read_generations(gen_path) if gen_path.exists() else []
-    gen_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))  # drop a torn last line
-    have = {(r["benchmark"], r["problem_idx"], r["sample_idx"]) for r in done}
-
-    device = stapo.resolve_device(stapo.Config(device=args.device))
-    model, tokenizer = stapo.load_policy(args.model, device)
+    model, tokenizer = stapo.load_policy(args.model, stapo.resolve_device(stapo.Config(device=args.device)))
     cfg = stapo.Config(temperature=temperature, top_p=top_p, max_new_tokens=args.max_new_tokens,
                        kv_cache_gb=args.kv_cache_gb, precision=args.precision)  # fmt: skip
-    selected = []
+    wanted = set()
     for name in names:
         examples = load_benchmark(name, args.data_dir)[: args.limit]
         k = args.samples or BENCHMARKS[name].samples
-        prompts = [tokenizer(stapo.build_prompt(e["problem"], tokenizer, args.prompt_format),
-                             add_special_tokens=False)["input_ids"] for e in examples]  # fmt: skip
-        items = [(i, j) for i in range(len(examples)) for j in range(k)]
-        selected += [(name, i, j) for i, j in items]
-        batches = [items[b : b + args.batch_size] for b in range(0, len(items), args.batch_size)]
-        for b, batch in enumerate(tqdm(batches, desc=f"{name} ({len(items)} samples)", disable=None)):
-            if all((name, i, j) in have for i, j in batch):
-                continue
-            torch.manual_seed(batch_seed(args.seed, name, b))
-            rollouts = stapo.generate(
-                model, tokenizer, [torch.tensor(prompts[i]) for i, _ in batch], cfg, desc="generate"
-            )
-            records = []
-            for row, (i, j) in enumerate(batch):
-                if (name, i, j) in have:
-                    continue
-                ids = rollouts.completions[row, rollouts.completion_mask[row]]
-                text, gold = tokenizer.decode(ids, skip_special_tokens=True), examples[i]["answer"]
-                records.append({"benchmark": name, "problem_idx": i, "sample_idx": j, "gold": gold,
-                                "extracted": stapo.extract_boxed(text), "correct": stapo.verify(text, gold),
-                                "length": len(ids), "truncated": bool(rollouts.truncated[row]),
-                                "completion": text})  # fmt: skip
-            stapo.append_jsonl(gen_path, records)
-    wanted = set(selected)
+        wanted |= sample_benchmark(model, tokenizer, name, examples, k, args, cfg, gen_path, have)
     rows = [r for r in read_generations(gen_path) if (r["benchmark"], r["problem_idx"], r["sample_idx"]) in wanted]
     return write_results(rows, out_dir)
 
