@@ -193,7 +193,9 @@ def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, 
                          add_special_tokens=False)["input_ids"] for e in examples]  # fmt: skip
     items = [(i, j) for i in range(len(examples)) for j in range(k)]
     batches = [items[b : b + args.batch_size] for b in range(0, len(items), args.batch_size)]
-    for b, batch in enumerate(tqdm(batches, desc=f"{name} ({len(items)} samples)", disable=None)):
+    bar = tqdm(total=len(items), desc=f"{name} samples", disable=None)
+    for b, batch in enumerate(batches):
+        bar.update(len(batch))
         if all((name, i, j) in have for i, j in batch):
             continue
         torch.manual_seed(batch_seed(args.seed, name, b))  # a batch's samples do not depend on what ran before
@@ -209,6 +211,7 @@ def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, 
                             "length": len(ids), "truncated": bool(rollouts.truncated[row]),
                             "completion": text})  # fmt: skip
         stapo.append_jsonl(gen_path, records)
+    bar.close()
     return {(name, i, j) for i, j in items}
 
 

@@ -284,13 +284,22 @@ _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)"
 
 
+def _balanced(s: str) -> bool:
+    depth = 0
+    for char in s:
+        depth += (char == "{") - (char == "}")
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 @functools.lru_cache(maxsize=65536)
 def normalize_answer(answer: str) -> str | None:
     """Canonical form of an answer (gold or predicted); None if it is empty or unusable."""
     s = answer.strip()
     if "\\boxed" in s or "\\fbox" in s:  # a gold given as \boxed{...}
         s = extract_boxed(s) or ""
-    if not s or len(s) > MAX_ANSWER_CHARS:
+    if not s or len(s) > MAX_ANSWER_CHARS or not _balanced(s):
         return None
     s = _UNIT_TEXT.sub("", s)  # 5\text{ cm}^2 -> 5
     s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, but "\\ " is a matrix row break

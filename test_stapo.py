@@ -387,6 +387,7 @@ VERIFY_TABLE = [
     (r"\boxed{5}", "", False),  # empty gold never rewards
     (r"\boxed{5}", r"\boxed{", False),  # unparsable gold never rewards
     (r"\boxed{5}", r"\boxed{5}", True),  # gold wrapped in a box
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2", False),  # a gold with unbalanced braces never rewards
     (r"\boxed{2n-2}", "$2n-2$", True),  # OlympiadBench dollar-wrapped gold
     (r"\boxed{(-\infty, 0) \cup\{1\}}", r"$(-\infty, 0) \cup\{1\}$.", True),  # gold with trailing period
     (r"\boxed{5.}", "5", True),  # trailing period
