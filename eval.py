@@ -195,8 +195,8 @@ def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, 
     batches = [items[b : b + args.batch_size] for b in range(0, len(items), args.batch_size)]
     bar = tqdm(total=len(items), desc=f"{name} samples", disable=None)
     for b, batch in enumerate(batches):
-        bar.update(len(batch))
         if all((name, i, j) in have for i, j in batch):
+            bar.update(len(batch))
             continue
         torch.manual_seed(batch_seed(args.seed, name, b))  # a batch's samples do not depend on what ran before
         rollouts = stapo.generate(model, tokenizer, [torch.tensor(prompts[i]) for i, _ in batch], cfg, desc="generate")
@@ -211,6 +211,7 @@ def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, 
                             "length": len(ids), "truncated": bool(rollouts.truncated[row]),
                             "completion": text})  # fmt: skip
         stapo.append_jsonl(gen_path, records)
+        bar.update(len(batch))
     bar.close()
     return {(name, i, j) for i, j in items}
 
