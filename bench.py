@@ -109,34 +109,20 @@ def compare_loss_paths(args):
 
 
 def time_training_step(chunk: int, steps: int) -> dict:
-    """Seconds per phase of stapo's training step on the tiny model (mean over `steps`)."""
+    """Seconds per phase of stapo.train_step on the tiny model (mean over `steps`). The random model
+    earns no reward, so advantages are 0, but the update does the same forward and backward work."""
     torch.manual_seed(0)
     model, tok = stapo.load_policy("tiny", torch.device("cpu"))
     cfg = stapo.Config(model="tiny", prompts_per_step=8, group_size=8, max_new_tokens=64, logit_chunk=chunk)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    problems = stapo.toy_problems()
-    totals = dict.fromkeys(("generation", "scoring", "old log-probs", "update"), 0.0)
+    problems = [{**e, "prompt_ids": stapo.encode_prompt(e["problem"], tok)} for e in stapo.toy_problems()]
+    totals = dict.fromkeys(("generation + reward", "old log-probs", "update"), 0.0)
     for step in range(steps):
-        examples = stapo.prompts_for_step(problems, step, cfg.prompts_per_step, cfg.seed)
-        prompts = [torch.tensor(tok(stapo.build_prompt(e["problem"], tok), add_special_tokens=False)["input_ids"])
-                   for e in examples for _ in range(cfg.group_size)]  # fmt: skip
-        t = time.perf_counter()
-        rollouts = stapo.generate(model, tok, prompts, cfg)
-        totals["generation"] += time.perf_counter() - t
-        t = time.perf_counter()
-        texts = [tok.decode(c[m]) for c, m in zip(rollouts.completions, rollouts.completion_mask, strict=True)]
-        golds = [e["answer"] for e in examples for _ in range(cfg.group_size)]
-        rewards = torch.tensor([float(stapo.verify(x, g)) for x, g in zip(texts, golds, strict=True)])
-        rewards[::3] = 1.0  # mixed groups, so the update has work to do on a random model
-        advantages = stapo.group_advantages(rewards, cfg.group_size)
-        totals["scoring"] += time.perf_counter() - t
-        t = time.perf_counter()
-        old_logp, entropy = stapo.score(model, rollouts, list(range(len(prompts))), cfg)
-        totals["old log-probs"] += time.perf_counter() - t
-        t = time.perf_counter()
-        stapo.ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg)
-        totals["update"] += time.perf_counter() - t
-    return {k: v / steps for k, v in totals.items()}
+        m, _ = stapo.train_step(model, tok, optimizer, problems, step, cfg)
+        totals["generation + reward"] += m["gen_s"] / steps
+        totals["old log-probs"] += m["logp_s"] / steps
+        totals["update"] += (m["train_s"] - m["logp_s"]) / steps
+    return totals
 
 
 def main():

@@ -189,8 +189,7 @@ def open_run(out_dir: Path, settings: dict) -> tuple[Path, set]:
 
 def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, args, cfg, gen_path: Path, have: set):
     """k samples of every problem, in fixed seeded batches; batches already on file are skipped."""
-    prompts = [tokenizer(stapo.build_prompt(e["problem"], tokenizer, args.prompt_format),
-                         add_special_tokens=False)["input_ids"] for e in examples]  # fmt: skip
+    prompts = [stapo.encode_prompt(e["problem"], tokenizer, args.prompt_format) for e in examples]
     items = [(i, j) for i in range(len(examples)) for j in range(k)]
     batches = [items[b : b + args.batch_size] for b in range(0, len(items), args.batch_size)]
     bar = tqdm(total=len(items), desc=f"{name} samples", disable=None)
@@ -199,7 +198,7 @@ def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, 
             bar.update(len(batch))
             continue
         torch.manual_seed(batch_seed(args.seed, name, b))  # a batch's samples do not depend on what ran before
-        rollouts = stapo.generate(model, tokenizer, [torch.tensor(prompts[i]) for i, _ in batch], cfg, desc="generate")
+        rollouts = stapo.generate(model, tokenizer, [prompts[i] for i, _ in batch], cfg, desc="generate")
         records = []
         for row, (i, j) in enumerate(batch):
             if (name, i, j) in have:

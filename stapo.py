@@ -231,6 +231,13 @@ def build_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def encode_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> torch.Tensor:
+    """Token ids of build_prompt's text; the template already holds any special tokens."""
+    return torch.tensor(
+        tokenizer(build_prompt(problem, tokenizer, prompt_format), add_special_tokens=False)["input_ids"]
+    )
+
+
 def prompts_for_step(problems: list, step: int, n: int, seed: int) -> list:
     """The n problems of a step: a fresh seeded permutation each epoch, so a resumed run continues
     exactly where it stopped from the step number alone."""
@@ -831,6 +838,7 @@ def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg
     # 4. S2T mask and 5. the clipped update, against the rollout policy's log-probs
     t0 = time.time()
     old_logp, entropy = score(model, rollouts, list(range(len(prompts))), cfg)  # (B, T) each
+    logp_s = time.time() - t0
     stats, silenced = ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg)
     train_s = time.time() - t0
 
@@ -845,7 +853,7 @@ def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg
         "tau_h": sum(stats["tau_h"]) / len(stats["tau_h"]) if stats["tau_h"] else None,
         "clip_frac": stats["clipped"] / max(1, stats["n_kept"]), "loss": stats["loss"],
         "grad_norm": sum(stats["grad_norm"]) / len(stats["grad_norm"]),
-        "lr": optimizer.param_groups[0]["lr"], "gen_s": gen_s, "train_s": train_s,
+        "lr": optimizer.param_groups[0]["lr"], "gen_s": gen_s, "logp_s": logp_s, "train_s": train_s,
     }  # fmt: skip
     records = {
         "samples": [
@@ -870,9 +878,9 @@ def train(cfg: Config):
     model, tokenizer = load_policy(cfg.resume or cfg.model, device, cfg.seed)
     problems = []
     for e in load_problems(cfg):
-        ids = tokenizer(build_prompt(e["problem"], tokenizer, cfg.prompt_format), add_special_tokens=False)["input_ids"]
+        ids = encode_prompt(e["problem"], tokenizer, cfg.prompt_format)
         if len(ids) <= cfg.max_prompt_tokens:
-            problems.append({**e, "prompt_ids": torch.tensor(ids)})
+            problems.append({**e, "prompt_ids": ids})
     print(f"data: {len(problems)} problems with prompts of at most {cfg.max_prompt_tokens} tokens")
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()

@@ -1,6 +1,7 @@
 """Tests for stapo.py on CPU with a tiny random Qwen3: `pytest -q`."""
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -165,7 +166,7 @@ def test_training_logp_equals_sampler_logp_with_left_padding(tiny):
     model, tok = tiny
     cfg = tiny_cfg(temperature=0.7, max_new_tokens=10)
     texts = ["1+1?", "a much longer problem statement than the first one"]  # different lengths: left padding
-    prompts = [torch.tensor(tok(stapo.build_prompt(t, tok), add_special_tokens=False)["input_ids"]) for t in texts]
+    prompts = [stapo.encode_prompt(t, tok) for t in texts]
     ids, mask = stapo.left_pad(prompts, tok.pad_token_id)
     assert mask[0].sum() < mask.shape[1]  # the first prompt really is padded
     gen = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=10,
@@ -184,7 +185,7 @@ def test_rollouts_cut_at_first_eos_and_keep_it(tiny):
     model, tok = tiny
     cfg = tiny_cfg(max_new_tokens=40)
     torch.manual_seed(0)
-    prompt = torch.tensor(tok(stapo.build_prompt("2+2?", tok), add_special_tokens=False)["input_ids"])
+    prompt = stapo.encode_prompt("2+2?", tok)
     r = stapo.generate(model, tok, [prompt] * 16, cfg)
     eos = torch.tensor(stapo.eos_token_ids(model, tok))
     lengths = r.completion_mask.sum(1)
@@ -215,8 +216,7 @@ def test_generation_is_chunked_to_the_kv_cache_budget(tiny):
 def rollout_batch(model, tok, cfg, seed=0):
     torch.manual_seed(seed)
     problems = stapo.toy_problems()[: cfg.prompts_per_step]
-    prompts = [torch.tensor(tok(stapo.build_prompt(e["problem"], tok), add_special_tokens=False)["input_ids"])
-               for e in problems for _ in range(cfg.group_size)]  # fmt: skip
+    prompts = [stapo.encode_prompt(e["problem"], tok) for e in problems for _ in range(cfg.group_size)]
     rollouts = stapo.generate(model, tok, prompts, cfg)
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0] * (len(prompts) // 4))  # mixed groups: nonzero advantages
     return rollouts, stapo.group_advantages(rewards, cfg.group_size)
@@ -235,8 +235,8 @@ def test_micro_batch_invariance(tiny, mask):
     model, tok = tiny
     cfg = tiny_cfg(max_new_tokens=20, mask=mask, tau_p=0.5, grad_clip=1e9)  # tau_p 0.5: a random model has candidates
     rollouts, advantages = rollout_batch(model, tok, cfg)
-    whole_loss, whole = one_update(model, rollouts, advantages, dataclasses_replace(cfg, micro_batch_tokens=10**6))
-    split_loss, split = one_update(model, rollouts, advantages, dataclasses_replace(cfg, micro_batch_tokens=1))
+    whole_loss, whole = one_update(model, rollouts, advantages, dataclasses.replace(cfg, micro_batch_tokens=10**6))
+    split_loss, split = one_update(model, rollouts, advantages, dataclasses.replace(cfg, micro_batch_tokens=1))
     n_micro = len(stapo.micro_batches(rollouts, list(range(16)), 1))
     assert n_micro == 16
     assert abs(whole_loss - split_loss) < 1e-6
@@ -277,12 +277,6 @@ def test_later_mini_batches_rescore_p_and_h_under_the_updated_policy(tiny, monke
     assert [rows for rows, _ in rescored] == [list(range(8, 16))]  # the first mini-batch reuses old_logp
     moved = (rescored[0][1] - old_logp[8:]).abs()[rollouts.completion_mask[8:]]
     assert moved.max() > 1e-3  # p of mini-batch 2 comes from the policy after mini-batch 1's step
-
-
-def dataclasses_replace(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
 
 
 def test_s2t_update_silences_tokens_on_a_random_model(tiny):
@@ -629,9 +623,7 @@ def test_stapo_learns_a_toy_task():
     cfg = tiny_cfg(prompts_per_step=8, group_size=8, max_new_tokens=16, lr=1e-3, warmup_steps=10, weight_decay=0.0)
     problems = [{"problem": str(d) * 40, "answer": str(d)} for d in range(2)]
     for p in problems:
-        p["prompt_ids"] = torch.tensor(
-            tok(stapo.build_prompt(p["problem"], tok), add_special_tokens=False)["input_ids"]
-        )
+        p["prompt_ids"] = stapo.encode_prompt(p["problem"], tok)
     end = tok.convert_tokens_to_ids("<|im_end|>")
     warmup = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(300):  # format only: the digit is random
