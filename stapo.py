@@ -12,8 +12,14 @@ One training step:
   5. Update: clipped (clip-higher) policy-gradient loss summed over the remaining tokens and
      divided by their number in the whole mini-batch. No KL, no entropy bonus, no value net.
 
-Left out on purpose: vLLM (HF `generate` is slower but readable), multi-GPU / multi-node,
-sequence packing, the KL term (the paper uses none).
+The paper's baselines run in the same loop: --mask none is JustRL/DAPO, --mask high-entropy is
+20-Entropy, and --mask none --loss-agg sequence --eps-high 0.2 is GRPO. Every line where STAPO
+differs from plain DAPO carries a "# STAPO:" comment.
+
+Reading order: 1. Config, 2. the paper's math on plain tensors, 3. one training step, 4. the loop
+and main; then an appendix of support code (verifier, data and prompt, models, checkpoints and logs).
+Left out on purpose: vLLM (HF `generate` is slower but readable), sequence packing, the KL term
+(the paper uses none).
 
 Run:   python stapo.py --model Qwen/Qwen3-1.7B-Base          (one GPU)
        python stapo.py --model tiny --dataset toy --steps 3  (CPU smoke run, no downloads)
@@ -35,71 +41,484 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-# Shape legend: P prompts per step, G samples each, B = P*G, T completion tokens, V vocabulary,
-# D hidden size, L prompt + completion tokens of a micro-batch.
+# ==============================================================================================
+# 1. Config: every knob, one place. Field help is the --help text.
 
 
-# ----------------------------------------------------------------------------------------------
-# Config: every knob, one place. Field help is the --help text.
+def knob(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+MASKS = ("s2t", "none", "high-entropy")
 
 
 @dataclass
 class Config:
     # model and data
-    model: str = field(default="Qwen/Qwen3-1.7B-Base", metadata={"help": "HF id or path; 'tiny' = random CPU model"})
-    dataset: str = field(
-        default="BytedTsinghua-SIA/DAPO-Math-17k",
-        metadata={"help": "Hub id, local .jsonl/.json/.parquet file, or 'toy' (built-in sums)"},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name"})
-    split: str = field(default="train", metadata={"help": "dataset split (local files: train)"})
-    problem_key: str | None = field(default=None, metadata={"help": "column with the problem text"})
-    answer_key: str | None = field(default=None, metadata={"help": "column with the gold answer"})
-    prompt_format: str = field(default="chat", metadata={"help": "chat (tokenizer's chat template) | plain"})
-    output_dir: str = field(default="runs/stapo", metadata={"help": "metrics, samples, checkpoints"})
-    resume: str | None = field(default=None, metadata={"help": "checkpoint folder to continue from"})
-    seed: int = field(default=0, metadata={"help": "seed of data order and sampling"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    precision: str = field(
-        default="auto", metadata={"help": "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16-autocast"}
-    )
+    model: str = knob("Qwen/Qwen3-1.7B-Base", "HF id or path; 'tiny' = random CPU model")
+    dataset: str = knob("BytedTsinghua-SIA/DAPO-Math-17k", "Hub id, local .jsonl/.json/.parquet, or 'toy' (sums)")
+    dataset_config: str | None = knob(None, "Hub dataset config name")
+    split: str = knob("train", "dataset split (local files: train)")
+    problem_key: str | None = knob(None, "column with the problem text")
+    answer_key: str | None = knob(None, "column with the gold answer")
+    prompt_format: str = knob("chat", "the tokenizer's chat template, or plain text", ("chat", "plain"))
+    output_dir: str = knob("runs/stapo", "metrics, samples, checkpoints")
+    resume: str | None = knob(None, "checkpoint folder to continue from")
+    seed: int = knob(0, "seed of data order and sampling")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = knob("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ("auto", "fp32", "bf16-autocast"))
     # sampling
-    prompts_per_step: int = field(default=32, metadata={"help": "P: problems per step (paper: 256)"})
-    group_size: int = field(default=8, metadata={"help": "G: samples per problem"})
-    max_prompt_tokens: int = field(default=1024, metadata={"help": "problems with longer prompts are skipped"})
-    max_new_tokens: int = field(default=4096, metadata={"help": "response cap (paper: 15k)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    kv_cache_gb: float = field(default=16.0, metadata={"help": "KV-cache budget that sizes each generate call"})
+    prompts_per_step: int = knob(32, "P: problems per step (paper: 256)")
+    group_size: int = knob(8, "G: samples per problem")
+    max_prompt_tokens: int = knob(1024, "problems with longer prompts are skipped")
+    max_new_tokens: int = knob(4096, "response cap (paper: 15k)")
+    temperature: float = knob(1.0, "sampling temperature")
+    top_p: float = knob(1.0, "nucleus sampling")
+    kv_cache_gb: float = knob(16.0, "KV-cache budget that sizes each generate call")
     # STAPO / S2T
-    mask: str = field(default="s2t", metadata={"help": "s2t (STAPO) | none (JustRL/DAPO) | high-entropy (20-Entropy)"})
-    tau_p: float = field(default=0.002, metadata={"help": "probability threshold of a spurious token"})
-    q: float = field(default=0.75, metadata={"help": "entropy quantile over the candidates"})
-    entropy_top: float = field(default=0.2, metadata={"help": "share of tokens kept by --mask high-entropy"})
-    # optimisation
-    steps: int = field(default=200, metadata={"help": "training steps (one rollout batch each)"})
-    lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate, constant after warm-up"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    eps_low: float = field(default=0.2, metadata={"help": "lower clip range"})
-    eps_high: float = field(default=0.28, metadata={"help": "upper clip range (clip-higher)"})
-    mini_batches: int = field(default=1, metadata={"help": "PPO updates per rollout batch (1 = on-policy)"})
-    micro_batch_tokens: int = field(default=16384, metadata={"help": "token budget of one forward/backward"})
-    logit_chunk: int = field(default=256, metadata={"help": "tokens per LM-head chunk (0: no chunking)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute the model body in backward"})
+    mask: str = knob("s2t", "s2t: STAPO; none: JustRL, DAPO, GRPO; high-entropy: 20-Entropy", MASKS)
+    tau_p: float = knob(0.002, "probability below which a token of a correct answer is a candidate")
+    q: float = knob(0.75, "entropy quantile over the candidates that sets tau_h")
+    entropy_top: float = knob(0.2, "share of tokens kept by --mask high-entropy")
+    # loss and optimisation
+    loss_agg: str = knob("token", "token: mean over kept tokens (DAPO, STAPO); sequence: GRPO", ("token", "sequence"))
+    eps_low: float = knob(0.2, "lower clip range")
+    eps_high: float = knob(0.28, "upper clip range (clip-higher; GRPO: 0.2)")
+    dual_clip: float = knob(3.0, "veRL's dual-clip bound on ratios of A < 0 tokens (0 = off)")
+    steps: int = knob(200, "training steps (one rollout batch each)")
+    lr: float = knob(1e-6, "AdamW learning rate, constant after warm-up")
+    warmup_steps: int = knob(10, "linear warm-up steps")
+    weight_decay: float = knob(0.1, "AdamW weight decay")
+    grad_clip: float = knob(1.0, "max gradient norm")
+    mini_batches: int = knob(1, "PPO updates per rollout batch (1 = on-policy)")
+    # memory
+    micro_batch_tokens: int = knob(16384, "token budget of one forward/backward")
+    logit_chunk: int = knob(256, "tokens per LM-head chunk (0: no chunking)")
+    gradient_checkpointing: bool = knob(False, "recompute the model body in backward")
     # logging and checkpoints
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
-    log_samples: int = field(default=4, metadata={"help": "completions written to samples.jsonl per step"})
+    save_every: int = knob(50, "checkpoint every N steps (and at the end)")
+    log_samples: int = knob(4, "completions written to samples.jsonl per step")
 
 
-TINY_DEFAULTS = {"prompts_per_step": 8, "max_new_tokens": 64}
+TINY_DEFAULTS = {"prompts_per_step": 8, "max_new_tokens": 64}  # --model tiny: seconds per step on a CPU
+
+
+# ==============================================================================================
+# 2. The paper's math, on plain tensors.
+# Shape legend: P prompts per step, G samples each, B = P*G, T completion tokens, V vocabulary,
+# D hidden size.
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """rewards (B,) -> advantages (B,): z-score inside each group of G samples of one prompt.
+    A group whose rewards are all equal carries no signal and gets A = 0."""
+    groups = rewards.float().view(-1, group_size)  # (P, G)
+    mean, std = groups.mean(1, keepdim=True), groups.std(1, keepdim=True)  # (P, 1)
+    return ((groups - mean) / (std + eps)).view(-1)  # (B,); std = 0 gives exactly 0
+
+
+def _chunk_logp_entropy(hidden, weight, targets, temperature: float, with_entropy: bool):
+    """hidden (n, D), weight (V, D), targets (n,) -> logp (n,), entropy (n,) or None."""
+    logits = F.linear(hidden, weight).float()  # (n, V) fp32
+    logprobs = logits.div_(temperature).log_softmax(-1)  # (n, V): the sampler's distribution (in place: no copy)
+    logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        entropy = -(logprobs.exp() * logprobs).sum(-1)  # (n,)  H = -sum_v pi(v) log pi(v), nats
+    return logp, entropy
+
+
+def token_logp(hidden, weight, targets, temperature: float, chunk: int, with_entropy: bool = False):
+    """hidden (b, T, D) -> log p (b, T) of the sampled tokens, and entropy H (b, T) of each state.
+
+    The LM head is applied chunk by chunk, so (b, T, V) fp32 logits never exist at once. With
+    gradients on, each chunk is checkpointed: backward recomputes its logits, so training memory is
+    O(chunk x V) instead of O(b x T x V). chunk <= 0 computes everything at once.
+    """
+    b, T, D = hidden.shape
+    hidden, targets = hidden.reshape(b * T, D), targets.reshape(b * T)
+    chunk = chunk if chunk > 0 else b * T
+    recompute = torch.is_grad_enabled() and chunk < b * T
+    logps, entropies = [], []
+    for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True):
+        if recompute:
+            lp, ent = checkpoint(_chunk_logp_entropy, h, weight, t, temperature, with_entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logp_entropy(h, weight, t, temperature, with_entropy)
+        logps.append(lp)
+        entropies.append(ent)
+    logp = torch.cat(logps).view(b, T)
+    return logp, torch.cat(entropies).view(b, T) if with_entropy else None
+
+
+class S2T(NamedTuple):
+    spurious: torch.Tensor  # (B, T) bool
+    n_candidates: int
+    tau_h: float | None  # None when there are fewer than two candidates
+
+
+def s2t_select(logp, entropy, advantages, completion_mask, tau_p: float = 0.002, q: float = 0.75) -> S2T:
+    """STAPO's Silencing Spurious Tokens (S2T) rule, arXiv 2602.15620v4, Sec. 4.
+
+    The gradient norm on a token's logits is bounded below by |w|^2 (1 - 2p + e^{-H}): it is
+    largest when the sampled token was unlikely (p small) while the model was confident (H small).
+    Inside a correct answer (A > 0) such a token gets a large push, although it is most likely noise
+    that the answer survived, not the reason it is right. Those are the spurious tokens: candidates
+    C = {A > 0, p < tau_p} whose H is below tau_h, the q-quantile of H over C of the mini-batch.
+    All inputs are (B, T) except advantages (B,); p and H come from the policy at the start of the
+    mini-batch, without gradient.
+    """
+    candidates = (advantages[:, None] > 0) & completion_mask & (logp.exp() < tau_p)  # (B, T)
+    pool = entropy[candidates].float()  # (|C|,): over the candidates only, never over all tokens
+    if pool.numel() < 2:  # an empty or single-element C masks nothing (and quantile needs two)
+        return S2T(torch.zeros_like(candidates), pool.numel(), None)
+    tau_h = torch.quantile(pool, q).item()  # linear interpolation
+    return S2T(candidates & (entropy < tau_h), pool.numel(), tau_h)  # (B, T), strict
+
+
+def s2t_mask(logp, entropy, advantages, completion_mask, tau_p: float = 0.002, q: float = 0.75) -> torch.Tensor:
+    """(B, T) bool, True where a token is spurious: s2t_select without its statistics."""
+    return s2t_select(logp, entropy, advantages, completion_mask, tau_p, q).spurious
+
+
+def high_entropy_keep(entropy, completion_mask, top: float = 0.2) -> torch.Tensor:
+    """20-Entropy baseline: keep the tokens whose H is in the top `top` share of the mini-batch."""
+    values = entropy[completion_mask].float()  # (N,)
+    k = max(1, math.ceil(top * values.numel()))
+    threshold = values.topk(k).values.min()  # topk, not quantile: no 16M-element limit
+    return completion_mask & (entropy >= threshold)  # (B, T)
+
+
+def loss_mask(logp, entropy, advantages, completion_mask, cfg: Config) -> tuple[torch.Tensor, S2T | None]:
+    """keep (B, T): the tokens whose surrogate enters the loss, for STAPO and its baselines."""
+    if cfg.mask == "s2t":  # STAPO: I = completion_mask and not spurious
+        s2t = s2t_select(logp, entropy, advantages, completion_mask, cfg.tau_p, cfg.q)
+        return completion_mask & ~s2t.spurious, s2t
+    if cfg.mask == "high-entropy":
+        return high_entropy_keep(entropy, completion_mask, cfg.entropy_top), None
+    return completion_mask, None  # JustRL / DAPO / GRPO: every completion token
+
+
+def clipped_surrogate(ratio, advantages, eps_low: float, eps_high: float, dual_clip: float = 0.0):
+    """s = min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) (B, T), and where a clip is active (B, T).
+
+    dual_clip c > 1 also bounds s below at c*A for A < 0, so ratios above c stop growing the loss:
+    veRL's default (clip_ratio_c = 3), a framework detail of the paper's runs, not part of STAPO.
+    """
+    adv = advantages[:, None]  # (B, 1)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)  # (B, T)
+    if dual_clip > 0:
+        surrogate = torch.where(adv < 0, torch.maximum(surrogate, dual_clip * adv), surrogate)  # (B, T)
+    clipped = surrogate != ratio * adv  # (B, T): a constant was taken, so this token has no gradient
+    return surrogate, clipped
+
+
+def policy_loss(logp, old_logp, advantages, keep, num_kept, eps_low: float = 0.2, eps_high: float = 0.28, *,
+                dual_clip: float = 0.0, loss_agg: str = "token"):  # fmt: skip
+    """L = -sum(keep * s) / num_kept, with s the clipped surrogate of each token.
+
+    num_kept is the loss denominator of the whole mini-batch, not of this micro-batch: every
+    micro-batch is one slice of the same sum, so the gradient does not depend on the split.
+    loss_agg "token": num_kept counts the mini-batch's kept tokens (DAPO, STAPO).
+    loss_agg "sequence" (GRPO): each answer's mean over its kept tokens, summed, and num_kept counts
+    the answers of the mini-batch that keep at least one token.
+    """
+    log_ratio = torch.where(keep, logp - old_logp, 0.0)  # (B, T); 0 where dropped: no inf * 0
+    surrogate, _ = clipped_surrogate(log_ratio.exp(), advantages, eps_low, eps_high, dual_clip)  # (B, T)
+    kept = torch.where(keep, surrogate, 0.0)  # (B, T)  STAPO: silenced tokens leave the numerator
+    if loss_agg == "sequence":
+        kept = kept.sum(1) / keep.sum(1).clamp(min=1)  # (B,): per-answer mean
+    return -kept.sum() / max(float(num_kept), 1.0)  # scalar; 0, not NaN, if nothing is kept
+
+
+def loss_denominator(keep, loss_agg: str = "token") -> int:
+    """num_kept of policy_loss for a whole mini-batch's keep (B, T).
+    STAPO: silenced tokens leave the denominator too, so the loss is renormalised over the rest."""
+    return int(keep.sum() if loss_agg == "token" else keep.any(1).sum())
+
+
+# ==============================================================================================
+# 3. One training step: rollouts, rewards, advantages, then the PPO updates.
+
+
+def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg: Config) -> tuple[dict, dict]:
+    """One rollout batch and its updates. Returns (metrics, records for the jsonl files)."""
+    G = cfg.group_size
+    # 1. rollouts: every problem G times
+    t0 = time.time()
+    examples = prompts_for_step(problems, step, cfg.prompts_per_step, cfg.seed)
+    prompts = [e["prompt_ids"] for e in examples for _ in range(G)]  # B prompts
+    rollouts = generate(model, tokenizer, prompts, cfg, desc=f"step {step + 1} rollouts")
+    texts = [
+        tokenizer.decode(c[m], skip_special_tokens=True)
+        for c, m in zip(rollouts.completions, rollouts.completion_mask, strict=True)
+    ]
+    # 2. rewards, 3. advantages
+    golds = [e["answer"] for e in examples for _ in range(G)]
+    rewards = torch.tensor([float(verify(t, g)) for t, g in zip(texts, golds, strict=True)])  # (B,)
+    advantages = group_advantages(rewards, G)  # (B,)
+    gen_s = time.time() - t0
+
+    # 4. p and H under the rollout policy, then the S2T mask and 5. the clipped updates
+    t0 = time.time()
+    old_logp, entropy = score(model, rollouts, list(range(len(prompts))), cfg)  # (B, T) each
+    logp_s = time.time() - t0
+    stats, silenced = ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg)
+    train_s = time.time() - t0
+
+    n_tokens = int(rollouts.completion_mask.sum())
+    metrics = {
+        "step": step + 1, "steps": cfg.steps, "reward": rewards.mean().item(),
+        "frac_zero_std": (rewards.view(-1, G).std(1) == 0).float().mean().item(),
+        "len_mean": n_tokens / len(prompts), "truncated_frac": rollouts.truncated.float().mean().item(),
+        "entropy": entropy[rollouts.completion_mask].mean().item(),
+        "n_candidates": stats["n_candidates"], "n_spurious": stats["n_spurious"],
+        "spurious_frac": stats["n_spurious"] / max(1, n_tokens),
+        "tau_h": sum(stats["tau_h"]) / len(stats["tau_h"]) if stats["tau_h"] else None,
+        "clip_frac": stats["clipped"] / max(1, stats["n_kept_tokens"]), "loss": stats["loss"],
+        "grad_norm": sum(stats["grad_norm"]) / len(stats["grad_norm"]),
+        "lr": optimizer.param_groups[0]["lr"], "gen_s": gen_s, "logp_s": logp_s, "train_s": train_s,
+    }  # fmt: skip
+    records = {
+        "samples": [
+            {"step": step + 1, "problem": examples[i // G]["problem"], "gold": golds[i],
+             "reward": rewards[i].item(), "completion": texts[i]}
+            for i in range(min(cfg.log_samples, len(texts)))
+        ],
+        "spurious": [inspect_token(s, rollouts, tokenizer, step + 1) for s in silenced],
+    }  # fmt: skip
+    return metrics, records
+
+
+def ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg: Config):
+    """The mini-batch updates of one step. Returns step statistics and the silenced tokens."""
+    B = len(rollouts.prompts)
+    stats = {"n_candidates": 0, "n_spurious": 0, "tau_h": [], "clipped": 0, "n_kept_tokens": 0, "loss": 0.0,
+             "grad_norm": []}  # fmt: skip
+    silenced = []
+    rows_per_mini_batch = B // cfg.mini_batches
+    device = next(model.parameters()).device
+    for k in range(cfg.mini_batches):
+        rows = list(range(k * rows_per_mini_batch, (k + 1) * rows_per_mini_batch))
+        # p and H from the policy at the start of this mini-batch (= the rollout policy for the first).
+        logp_now, entropy_now = (old_logp, entropy) if k == 0 else score(model, rollouts, rows, cfg)
+        completion_mask = torch.zeros_like(rollouts.completion_mask)  # (B, T): this mini-batch's tokens only
+        completion_mask[rows] = rollouts.completion_mask[rows]
+        keep, s2t = loss_mask(logp_now, entropy_now, advantages, completion_mask, cfg)  # (B, T)
+        num_kept = loss_denominator(keep, cfg.loss_agg)  # of the whole mini-batch, never of a micro-batch
+        if s2t is not None:
+            stats["n_candidates"] += s2t.n_candidates
+            stats["n_spurious"] += int(s2t.spurious.sum())
+            stats["tau_h"] += [s2t.tau_h] if s2t.tau_h is not None else []
+            for i, t in s2t.spurious.nonzero().tolist():
+                silenced.append({"row": i, "t": t, "p": math.exp(logp_now[i, t]), "H": float(entropy_now[i, t]),
+                                 "A": float(advantages[i]), "tau_h": s2t.tau_h})  # fmt: skip
+
+        for mb in micro_batches(rollouts, rows, cfg.micro_batch_tokens):
+            logp, _ = sequence_logp(model, rollouts, mb, cfg)  # (b, T')
+            T = logp.shape[1]
+            old, kept, adv = (x.to(device) for x in (old_logp[mb, :T], keep[mb, :T], advantages[mb]))
+            loss = policy_loss(logp, old, adv, kept, num_kept, cfg.eps_low, cfg.eps_high,
+                               dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg)  # fmt: skip
+            loss.backward()
+            with torch.no_grad():
+                _, clipped = clipped_surrogate((logp - old).exp(), adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+                stats["clipped"] += int((clipped & kept).sum())
+            stats["loss"] += loss.item() / cfg.mini_batches
+        stats["n_kept_tokens"] += int(keep.sum())
+        stats["grad_norm"].append(optimizer_step(model, optimizer, cfg.grad_clip))
+    return stats, silenced
+
+
+def optimizer_step(model, optimizer, grad_clip: float) -> float:
+    """Clip the gradient norm, step, and free the gradients (their memory serves generation).
+    Returns the norm before clipping."""
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+@dataclass
+class Rollouts:
+    prompts: list[torch.Tensor]  # B prompt-id tensors (each prompt repeated G times)
+    completions: torch.Tensor  # (B, T) sampled ids, pad after the end
+    completion_mask: torch.Tensor  # (B, T) bool: up to and including the first EOS
+    truncated: torch.Tensor  # (B,) bool: no EOS within max_new_tokens
+
+    def lengths(self) -> list[int]:
+        """Prompt + completion tokens of every sequence, for token-budget micro-batches."""
+        return [len(p) + n for p, n in zip(self.prompts, self.completion_mask.sum(1).tolist(), strict=True)]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: str = "rollouts") -> Rollouts:
+    """One sampled completion per prompt, in chunks sized so the KV cache fits cfg.kv_cache_gb."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    eos = eos_token_ids(model, tokenizer)
+    gen_config = GenerationConfig(
+        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    chunk = sequences_per_generate(model, max(len(p) for p in prompts), cfg)
+    was_training = model.training
+    model.eval()
+    completions = []
+    with tqdm(total=len(prompts), desc=desc, leave=False, disable=None) as bar:
+        for start in range(0, len(prompts), chunk):
+            prompt_ids, prompt_mask = left_pad(prompts[start : start + chunk], tokenizer.pad_token_id)
+            with autocast(cfg, device):
+                out = model.generate(
+                    input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), generation_config=gen_config
+                )  # (b, L + new tokens)
+            completions += list(out[:, prompt_ids.shape[1] :].cpu())
+            bar.update(len(prompt_ids))
+    model.train(was_training)
+
+    # Cut each completion after its first EOS, which stays in (it is the answer's last action).
+    width = max(1, max(len(c) for c in completions))
+    tokens = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+    completion_mask = torch.zeros((len(completions), width), dtype=torch.bool)  # (B, T)
+    truncated = torch.zeros(len(completions), dtype=torch.bool)  # (B,)
+    eos_t = torch.tensor(eos)
+    for row, c in enumerate(completions):
+        hits = torch.isin(c, eos_t).nonzero()
+        n = int(hits[0]) + 1 if len(hits) else len(c)
+        truncated[row] = len(hits) == 0
+        tokens[row, :n] = c[:n]
+        completion_mask[row, :n] = True
+    return Rollouts(prompts, tokens, completion_mask, truncated)
+
+
+def sequence_logp(model, rollouts: Rollouts, rows: list[int], cfg: Config, with_entropy: bool = False):
+    """logp (b, T) of the sampled tokens of `rows` (and entropy), T = their longest completion.
+
+    Layout: [left pad | prompt | completion | right pad]; position ids count real tokens only,
+    exactly as generate() numbered the left-padded prompt, so training log-probs equal sampling ones.
+    """
+    device = next(model.parameters()).device
+    T = int(rollouts.completion_mask[rows].sum(1).max())
+    prompt_ids, prompt_mask = left_pad([rollouts.prompts[r] for r in rows], 0)
+    completions = rollouts.completions[rows, :T]  # (b, T)
+    input_ids = torch.cat([prompt_ids, completions], 1).to(device)  # (b, L)
+    attention_mask = torch.cat([prompt_mask, rollouts.completion_mask[rows, :T].long()], 1).to(device)  # (b, L)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (b, L)
+    with autocast(cfg, device):
+        hidden = model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (b, L, D)
+        hidden = hidden[:, prompt_ids.shape[1] - 1 : -1]  # (b, T, D): the state that predicts each completion token
+        weight = model.get_output_embeddings().weight  # (V, D)
+        return token_logp(hidden, weight, completions.to(device), cfg.temperature, cfg.logit_chunk, with_entropy)
+
+
+def micro_batches(rollouts: Rollouts, rows: list[int], token_budget: int) -> list[list[int]]:
+    """Split rows into micro-batches whose padded size (rows x longest) fits token_budget.
+    Sorting by length first keeps padding small."""
+    lengths = rollouts.lengths()
+    batches, current = [], []
+    for r in sorted(rows, key=lambda r: lengths[r]):
+        if current and (len(current) + 1) * lengths[r] > token_budget:
+            batches.append(current)
+            current = []
+        current.append(r)
+    return batches + [current] if current else batches
+
+
+@torch.no_grad()
+def score(model, rollouts: Rollouts, rows: list[int], cfg: Config):
+    """logp and entropy (B, T) of the given rows under the current policy, without gradient."""
+    B, T = rollouts.completions.shape
+    logp, entropy = torch.zeros(B, T), torch.zeros(B, T)
+    for mb in micro_batches(rollouts, rows, cfg.micro_batch_tokens):
+        lp, ent = sequence_logp(model, rollouts, mb, cfg, with_entropy=True)
+        logp[mb, : lp.shape[1]] = lp.cpu()
+        entropy[mb, : ent.shape[1]] = ent.cpu()
+    return logp, entropy
+
+
+# ==============================================================================================
+# 4. The loop and main
+
+
+def build_optimizer(model, cfg: Config):
+    """AdamW with a linear warm-up to a constant learning rate (the paper's schedule)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, cfg.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    return optimizer, scheduler
+
+
+def train(cfg: Config):
+    device = resolve_device(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(dataclasses.asdict(cfg), indent=2))
+    (out / "stapo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    model, tokenizer = load_policy(cfg.resume or cfg.model, device, cfg.seed)
+    problems = []
+    for e in load_problems(cfg):
+        ids = encode_prompt(e["problem"], tokenizer, cfg.prompt_format)
+        if len(ids) <= cfg.max_prompt_tokens:
+            problems.append({**e, "prompt_ids": ids})
+    print(f"data: {len(problems)} problems with prompts of at most {cfg.max_prompt_tokens} tokens")
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    model.train()
+    optimizer, scheduler = build_optimizer(model, cfg)
+    start = 0
+    if cfg.resume:
+        state = torch.load(Path(cfg.resume) / "trainer_state.pt", weights_only=True)  # tensors and numbers only
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        start = state["step"]
+        for name in ("metrics.jsonl", "samples.jsonl", "spurious.jsonl"):  # drop steps the stop lost
+            keep_steps_up_to(out / name, start)
+        print(f"resumed from {cfg.resume} at step {start}")
+
+    # Ctrl-C (or SIGTERM) once: finish this step, save, exit. Twice: stop at once.
+    stop = []
+
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to quit now)")
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for step in range(start, cfg.steps):
+            metrics, records = train_step(model, tokenizer, optimizer, problems, step, cfg)
+            scheduler.step()
+            tqdm.write(log_line(metrics))
+            append_jsonl(out / "metrics.jsonl", [metrics])
+            append_jsonl(out / "samples.jsonl", records["samples"])
+            append_jsonl(out / "spurious.jsonl", records["spurious"])
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
+                print(f"saved {save_checkpoint(model, tokenizer, optimizer, scheduler, cfg, step + 1)}")
+            if stop:
+                break
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return model
 
 
 def parse_args(argv=None) -> Config:
@@ -107,12 +526,13 @@ def parse_args(argv=None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        choices = f.metadata["choices"]
+        help_text = f"{f.metadata['help']}{' (' + ' | '.join(choices) + ')' if choices else ''} (default: {f.default})"
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             kind = {int: int, float: float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, help=help_text)
+            parser.add_argument(flag, type=kind, choices=choices, help=help_text)
     given = vars(parser.parse_args(argv))
     base = {}
     if "resume" in given:
@@ -124,136 +544,61 @@ def parse_args(argv=None) -> Config:
         defaults = TINY_DEFAULTS
         print(f"--model tiny: {TINY_DEFAULTS} unless given on the command line")
     cfg = Config(**{**defaults, **base, **given})
-    if cfg.mask not in ("s2t", "none", "high-entropy"):
-        parser.error(f"--mask must be s2t, none or high-entropy, not {cfg.mask!r}")
-    if cfg.prompt_format not in ("chat", "plain"):
-        parser.error(f"--prompt-format must be chat or plain, not {cfg.prompt_format!r}")
-    if cfg.group_size < 2:
-        parser.error("--group-size must be at least 2: advantages compare the samples of a group")
-    if cfg.prompts_per_step % cfg.mini_batches:
-        parser.error("--prompts-per-step must be divisible by --mini-batches")
+    for problem in config_errors(cfg):
+        parser.error(problem)
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------
-# Data and prompt
-
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-# The wrapper DAPO-Math-17k puts around every problem on the Hub; we use the paper's instruction.
-DAPO_PREFIX = (
-    "Solve the following math problem step by step. The last line of your response should be of the "
-    "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
-)
-DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
-
-
-def toy_problems() -> list[dict]:
-    """25 one-digit sums: a dataset for CPU runs that needs no files."""
-    return [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(5) for b in range(5)]
-
-
-def row_to_example(row: dict, problem_key: str | None = None, answer_key: str | None = None) -> dict | None:
-    """One dataset row -> {"problem", "answer"}, or None when it has no usable answer.
-
-    Recognised: problem/question/prompt (a string or a chat list), answer/final_answer/
-    ground_truth, DAPO's reward_model.ground_truth, or the last \\boxed{} of a solution.
-    """
-    problem = (
-        row[problem_key] if problem_key else next((row[k] for k in ("problem", "question", "prompt") if k in row), None)
-    )
-    if isinstance(problem, list):  # chat messages: the last user turn
-        problem = [m["content"] for m in problem if m.get("role", "user") == "user"][-1]
-    if answer_key:
-        answer = row[answer_key]
-    elif isinstance(row.get("reward_model"), dict):  # DAPO
-        answer = row["reward_model"].get("ground_truth")
-    elif any(k in row for k in ("answer", "final_answer", "ground_truth")):
-        answer = next((row[k] for k in ("answer", "final_answer", "ground_truth") if row.get(k) is not None), None)
-    else:  # a worked solution (MATH) or a bare gold (open-r1's DAPO copy)
-        answer = row.get("solution")
-        if isinstance(answer, str) and "\\boxed" in answer:
-            answer = extract_boxed(answer)
-    if isinstance(answer, list):
-        answer = answer[0] if answer else None
-    if isinstance(answer, float) and answer.is_integer():
-        answer = int(answer)  # 27.0 -> "27"
-    if not isinstance(problem, str) or answer is None or not str(answer).strip():
-        return None
-    problem = problem.strip().removeprefix(DAPO_PREFIX.strip()).removesuffix(DAPO_SUFFIX.strip()).strip()
-    return {"problem": problem, "answer": str(answer).strip()}
-
-
-def load_problems(cfg: Config) -> list[dict]:
-    """Problems with gold answers from 'toy', a local file or the Hub (deduplicated by text)."""
-    if cfg.dataset == "toy":
-        return toy_problems()
-    import datasets  # imported here: the toy path and the tests do not need it
-
-    path = Path(cfg.dataset)
-    if path.suffix in (".jsonl", ".json", ".parquet"):
-        if not path.exists():
-            sys.exit(f"--dataset {path}: no such file")
-        kind = "parquet" if path.suffix == ".parquet" else "json"
-        rows = datasets.load_dataset(kind, data_files=str(path), split="train")
-    else:
-        rows = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split)
-    columns = rows.column_names
-    for key, flag in ((cfg.problem_key, "--problem-key"), (cfg.answer_key, "--answer-key")):
-        if key and key not in columns:
-            sys.exit(f"{flag} {key!r} is not a column of {cfg.dataset}; columns: {columns}")
-    has_problem = cfg.problem_key or {"problem", "question", "prompt"} & set(columns)
-    has_answer = cfg.answer_key or {"answer", "final_answer", "ground_truth", "reward_model", "solution"} & set(columns)
-    if not (has_problem and has_answer):
-        sys.exit(
-            f"{cfg.dataset}: no problem/answer columns recognised among {columns}; "
-            "name them with --problem-key and --answer-key"
+def config_errors(cfg: Config) -> list[str]:
+    """Every flag checked before anything is loaded: each error names the flag, its value, what is allowed."""
+    rules = [
+        ("prompts_per_step", cfg.prompts_per_step >= 1, "at least 1"),
+        ("group_size", cfg.group_size >= 2, "at least 2: advantages compare the samples of a group"),
+        ("max_prompt_tokens", cfg.max_prompt_tokens >= 1, "at least 1"),
+        ("max_new_tokens", cfg.max_new_tokens >= 1, "at least 1"),
+        ("temperature", cfg.temperature > 0, "above 0"),
+        ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
+        ("kv_cache_gb", cfg.kv_cache_gb > 0, "above 0"),
+        ("tau_p", 0 < cfg.tau_p < 1, "a probability in (0, 1); the paper uses 0.002"),
+        ("q", 0 <= cfg.q <= 1, "a quantile in [0, 1]; the paper uses 0.75"),
+        ("entropy_top", 0 < cfg.entropy_top <= 1, "a share in (0, 1]"),
+        ("eps_low", 0 <= cfg.eps_low < 1, "in [0, 1)"),
+        ("eps_high", cfg.eps_high >= 0, "at least 0"),
+        ("dual_clip", cfg.dual_clip == 0 or cfg.dual_clip > 1, "0 (off) or above 1; veRL uses 3"),
+        ("steps", cfg.steps >= 1, "at least 1"),
+        ("lr", cfg.lr > 0, "above 0"),
+        ("warmup_steps", cfg.warmup_steps >= 0, "at least 0"),
+        ("weight_decay", cfg.weight_decay >= 0, "at least 0"),
+        ("grad_clip", cfg.grad_clip > 0, "above 0"),
+        ("mini_batches", cfg.mini_batches >= 1, "at least 1"),
+        ("micro_batch_tokens", cfg.micro_batch_tokens >= 1, "at least 1"),
+        ("logit_chunk", cfg.logit_chunk >= 0, "at least 0 (0: no chunking)"),
+        ("save_every", cfg.save_every >= 1, "at least 1"),
+        ("log_samples", cfg.log_samples >= 0, "at least 0"),
+        ("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None, "auto, cpu, cuda, cuda:N or mps"),
+    ]
+    errors = [
+        f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {allowed}" for name, ok, allowed in rules if not ok
+    ]
+    if cfg.mini_batches >= 1 and cfg.prompts_per_step % cfg.mini_batches:
+        errors.append(
+            f"--prompts-per-step {cfg.prompts_per_step} must be divisible by --mini-batches {cfg.mini_batches}"
         )
-    examples, seen, skipped = [], set(), 0
-    for row in rows:
-        example = row_to_example(row, cfg.problem_key, cfg.answer_key)
-        if example is None:
-            skipped += 1
-        elif example["problem"] not in seen:  # the Hub DAPO-Math-17k repeats each problem ~100x
-            seen.add(example["problem"])
-            examples.append(example)
-    print(f"data: {len(examples)} problems from {cfg.dataset} ({skipped} rows without a usable answer skipped)")
-    if not examples:
-        sys.exit(f"{cfg.dataset}: no usable rows")
-    return examples
+    for f in dataclasses.fields(Config):  # choices also when a saved config is the source
+        value, choices = getattr(cfg, f.name), f.metadata["choices"]
+        if choices and value not in choices:
+            errors.append(f"--{f.name.replace('_', '-')} {value}: must be one of {', '.join(choices)}")
+    return errors
 
 
-def build_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> str:
-    """The problem plus the paper's instruction, in the tokenizer's chat template or as plain text."""
-    content = f"{problem}\n\n{INSTRUCTION}"
-    if prompt_format == "plain":
-        return content + "\n\n"
-    messages = [{"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def main(argv=None):
+    train(parse_args(argv))
 
 
-def encode_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> torch.Tensor:
-    """Token ids of build_prompt's text; the template already holds any special tokens."""
-    return torch.tensor(
-        tokenizer(build_prompt(problem, tokenizer, prompt_format), add_special_tokens=False)["input_ids"]
-    )
-
-
-def prompts_for_step(problems: list, step: int, n: int, seed: int) -> list:
-    """The n problems of a step: a fresh seeded permutation each epoch, so a resumed run continues
-    exactly where it stopped from the step number alone."""
-    picked, orders = [], {}
-    for pos in range(step * n, (step + 1) * n):
-        epoch, i = divmod(pos, len(problems))
-        if epoch not in orders:
-            orders[epoch] = torch.randperm(
-                len(problems), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
-            )
-        picked.append(problems[orders[epoch][i]])
-    return picked
-
-
+# ==============================================================================================
+# Appendix. Support code: the verifier, data and prompt, models and devices, checkpoints and logs.
 # ----------------------------------------------------------------------------------------------
-# Reward: a regex verifier. The answer is the content of the last \boxed{}; both sides are
+# A. Reward: a regex verifier. The answer is the content of the last \boxed{}; both sides are
 # normalised, then compared as strings, as numbers, as tuples/intervals, then as unordered lists.
 
 MAX_ANSWER_CHARS = 2000  # longer answers are no answer: keeps every call bounded in time
@@ -414,7 +759,124 @@ def verify(completion: str, gold: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model: a Hub/local checkpoint, or a tiny random Qwen3 with a byte-level tokenizer for CPU.
+# B. Data and prompt
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# The wrapper DAPO-Math-17k puts around every problem on the Hub; we use the paper's instruction.
+DAPO_PREFIX = (
+    "Solve the following math problem step by step. The last line of your response should be of the "
+    "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+)
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+
+
+def toy_problems() -> list[dict]:
+    """25 one-digit sums: a dataset for CPU runs that needs no files."""
+    return [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(5) for b in range(5)]
+
+
+def row_to_example(row: dict, problem_key: str | None = None, answer_key: str | None = None) -> dict | None:
+    """One dataset row -> {"problem", "answer"}, or None when it has no usable answer.
+
+    Recognised: problem/question/prompt (a string or a chat list), answer/final_answer/
+    ground_truth, DAPO's reward_model.ground_truth, or the last \\boxed{} of a solution.
+    """
+    problem = (
+        row[problem_key] if problem_key else next((row[k] for k in ("problem", "question", "prompt") if k in row), None)
+    )
+    if isinstance(problem, list):  # chat messages: the last user turn
+        problem = [m["content"] for m in problem if m.get("role", "user") == "user"][-1]
+    if answer_key:
+        answer = row[answer_key]
+    elif isinstance(row.get("reward_model"), dict):  # DAPO
+        answer = row["reward_model"].get("ground_truth")
+    elif any(k in row for k in ("answer", "final_answer", "ground_truth")):
+        answer = next((row[k] for k in ("answer", "final_answer", "ground_truth") if row.get(k) is not None), None)
+    else:  # a worked solution (MATH) or a bare gold (open-r1's DAPO copy)
+        answer = row.get("solution")
+        if isinstance(answer, str) and "\\boxed" in answer:
+            answer = extract_boxed(answer)
+    if isinstance(answer, list):
+        answer = answer[0] if answer else None
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)  # 27.0 -> "27"
+    if not isinstance(problem, str) or answer is None or not str(answer).strip():
+        return None
+    problem = problem.strip().removeprefix(DAPO_PREFIX.strip()).removesuffix(DAPO_SUFFIX.strip()).strip()
+    return {"problem": problem, "answer": str(answer).strip()}
+
+
+def load_problems(cfg: Config) -> list[dict]:
+    """Problems with gold answers from 'toy', a local file or the Hub (deduplicated by text)."""
+    if cfg.dataset == "toy":
+        return toy_problems()
+    import datasets  # imported here: the toy path and the tests do not need it
+
+    path = Path(cfg.dataset)
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        if not path.exists():
+            sys.exit(f"--dataset {path}: no such file")
+        kind = "parquet" if path.suffix == ".parquet" else "json"
+        rows = datasets.load_dataset(kind, data_files=str(path), split="train")
+    else:
+        rows = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split)
+    columns = rows.column_names
+    for key, flag in ((cfg.problem_key, "--problem-key"), (cfg.answer_key, "--answer-key")):
+        if key and key not in columns:
+            sys.exit(f"{flag} {key!r} is not a column of {cfg.dataset}; columns: {columns}")
+    has_problem = cfg.problem_key or {"problem", "question", "prompt"} & set(columns)
+    has_answer = cfg.answer_key or {"answer", "final_answer", "ground_truth", "reward_model", "solution"} & set(columns)
+    if not (has_problem and has_answer):
+        sys.exit(
+            f"{cfg.dataset}: no problem/answer columns recognised among {columns}; "
+            "name them with --problem-key and --answer-key"
+        )
+    examples, seen, skipped = [], set(), 0
+    for row in rows:
+        example = row_to_example(row, cfg.problem_key, cfg.answer_key)
+        if example is None:
+            skipped += 1
+        elif example["problem"] not in seen:  # the Hub DAPO-Math-17k repeats each problem ~100x
+            seen.add(example["problem"])
+            examples.append(example)
+    print(f"data: {len(examples)} problems from {cfg.dataset} ({skipped} rows without a usable answer skipped)")
+    if not examples:
+        sys.exit(f"{cfg.dataset}: no usable rows")
+    return examples
+
+
+def build_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> str:
+    """The problem plus the paper's instruction, in the tokenizer's chat template or as plain text."""
+    content = f"{problem}\n\n{INSTRUCTION}"
+    if prompt_format == "plain":
+        return content + "\n\n"
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> torch.Tensor:
+    """Token ids of build_prompt's text; the template already holds any special tokens."""
+    return torch.tensor(
+        tokenizer(build_prompt(problem, tokenizer, prompt_format), add_special_tokens=False)["input_ids"]
+    )
+
+
+def prompts_for_step(problems: list, step: int, n: int, seed: int) -> list:
+    """The n problems of a step: a fresh seeded permutation each epoch, so a resumed run continues
+    exactly where it stopped from the step number alone."""
+    picked, orders = [], {}
+    for pos in range(step * n, (step + 1) * n):
+        epoch, i = divmod(pos, len(problems))
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(
+                len(problems), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
+            )
+        picked.append(problems[orders[epoch][i]])
+    return picked
+
+
+# ----------------------------------------------------------------------------------------------
+# C. Models and devices: a Hub/local checkpoint, or a tiny random Qwen3 with a byte-level tokenizer for CPU.
 
 
 def build_tiny_tokenizer():
@@ -490,22 +952,6 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(cfg, device) else nullcontext()
 
 
-# ----------------------------------------------------------------------------------------------
-# Rollouts
-
-
-@dataclass
-class Rollouts:
-    prompts: list[torch.Tensor]  # B prompt-id tensors (each prompt repeated G times)
-    completions: torch.Tensor  # (B, T) sampled ids, pad after the end
-    completion_mask: torch.Tensor  # (B, T) bool: up to and including the first EOS
-    truncated: torch.Tensor  # (B,) bool: no EOS within max_new_tokens
-
-    def lengths(self) -> list[int]:
-        """Prompt + completion tokens of every sequence, for token-budget micro-batches."""
-        return [len(p) + n for p, n in zip(self.prompts, self.completion_mask.sum(1).tolist(), strict=True)]
-
-
 def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask), both (b, max_len), padded on the left as generate expects."""
     width = max(len(s) for s in seqs)
@@ -526,241 +972,8 @@ def sequences_per_generate(model, prompt_len: int, cfg: Config) -> int:
     return max(1, int(cfg.kv_cache_gb * 2**30 // (per_token * (prompt_len + cfg.max_new_tokens))))
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: str = "rollouts") -> Rollouts:
-    """One sampled completion per prompt, in chunks sized so the KV cache fits cfg.kv_cache_gb."""
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    eos = eos_token_ids(model, tokenizer)
-    gen_config = GenerationConfig(
-        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    chunk = sequences_per_generate(model, max(len(p) for p in prompts), cfg)
-    was_training = model.training
-    model.eval()
-    completions = []
-    with tqdm(total=len(prompts), desc=desc, leave=False, disable=None) as bar:
-        for start in range(0, len(prompts), chunk):
-            prompt_ids, prompt_mask = left_pad(prompts[start : start + chunk], tokenizer.pad_token_id)
-            with autocast(cfg, device):
-                out = model.generate(
-                    input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), generation_config=gen_config
-                )  # (b, L + new tokens)
-            completions += list(out[:, prompt_ids.shape[1] :].cpu())
-            bar.update(len(prompt_ids))
-    model.train(was_training)
-
-    # Cut each completion after its first EOS, which stays in (it is the answer's last action).
-    width = max(1, max(len(c) for c in completions))
-    tokens = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
-    completion_mask = torch.zeros((len(completions), width), dtype=torch.bool)  # (B, T)
-    truncated = torch.zeros(len(completions), dtype=torch.bool)  # (B,)
-    eos_t = torch.tensor(eos)
-    for row, c in enumerate(completions):
-        hits = torch.isin(c, eos_t).nonzero()
-        n = int(hits[0]) + 1 if len(hits) else len(c)
-        truncated[row] = len(hits) == 0
-        tokens[row, :n] = c[:n]
-        completion_mask[row, :n] = True
-    return Rollouts(prompts, tokens, completion_mask, truncated)
-
-
 # ----------------------------------------------------------------------------------------------
-# Log-probs and entropy, in chunks of tokens so (B, T, V) fp32 logits never exist at once.
-
-
-def _chunk_logp_entropy(hidden, weight, targets, temperature: float, with_entropy: bool):
-    """hidden (n, D), weight (V, D), targets (n,) -> logp (n,), entropy (n,) or None."""
-    logits = F.linear(hidden, weight).float()  # (n, V) fp32
-    logprobs = logits.div_(temperature).log_softmax(-1)  # (n, V): the sampler's distribution (in place: no copy)
-    logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
-    if not with_entropy:
-        return logp, None
-    with torch.no_grad():
-        entropy = -(logprobs.exp() * logprobs).sum(-1)  # (n,)  H = -sum_v pi(v) log pi(v), nats
-    return logp, entropy
-
-
-def token_logp(hidden, weight, targets, temperature: float, chunk: int, with_entropy: bool = False):
-    """hidden (b, T, D) -> logp (b, T) of targets and entropy (b, T), LM head applied chunk by chunk.
-
-    With gradients on, each chunk is checkpointed: backward recomputes its logits, so training
-    memory is O(chunk x V) instead of O(b x T x V). chunk <= 0 computes everything at once.
-    """
-    b, T, D = hidden.shape
-    hidden, targets = hidden.reshape(b * T, D), targets.reshape(b * T)
-    chunk = chunk if chunk > 0 else b * T
-    recompute = torch.is_grad_enabled() and chunk < b * T
-    logps, entropies = [], []
-    for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True):
-        if recompute:
-            lp, ent = checkpoint(_chunk_logp_entropy, h, weight, t, temperature, with_entropy, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logp_entropy(h, weight, t, temperature, with_entropy)
-        logps.append(lp)
-        entropies.append(ent)
-    logp = torch.cat(logps).view(b, T)
-    return logp, torch.cat(entropies).view(b, T) if with_entropy else None
-
-
-def sequence_logp(model, rollouts: Rollouts, rows: list[int], cfg: Config, with_entropy: bool = False):
-    """logp (b, T) of the sampled tokens of `rows` (and entropy), T = their longest completion.
-
-    Layout: [left pad | prompt | completion | right pad]; position ids count real tokens only,
-    exactly as generate() numbered the left-padded prompt, so training log-probs equal sampling ones.
-    """
-    device = next(model.parameters()).device
-    T = int(rollouts.completion_mask[rows].sum(1).max())
-    prompt_ids, prompt_mask = left_pad([rollouts.prompts[r] for r in rows], 0)
-    completions = rollouts.completions[rows, :T]  # (b, T)
-    input_ids = torch.cat([prompt_ids, completions], 1).to(device)  # (b, L)
-    attention_mask = torch.cat([prompt_mask, rollouts.completion_mask[rows, :T].long()], 1).to(device)  # (b, L)
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (b, L)
-    with autocast(cfg, device):
-        hidden = model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # (b, L, D)
-        hidden = hidden[:, prompt_ids.shape[1] - 1 : -1]  # (b, T, D): the state that predicts each completion token
-        weight = model.get_output_embeddings().weight  # (V, D)
-        return token_logp(hidden, weight, completions.to(device), cfg.temperature, cfg.logit_chunk, with_entropy)
-
-
-def micro_batches(rollouts: Rollouts, rows: list[int], token_budget: int) -> list[list[int]]:
-    """Split rows into micro-batches whose padded size (rows x longest) fits token_budget.
-    Sorting by length first keeps padding small."""
-    lengths = rollouts.lengths()
-    batches, current = [], []
-    for r in sorted(rows, key=lambda r: lengths[r]):
-        if current and (len(current) + 1) * lengths[r] > token_budget:
-            batches.append(current)
-            current = []
-        current.append(r)
-    return batches + [current] if current else batches
-
-
-@torch.no_grad()
-def score(model, rollouts: Rollouts, rows: list[int], cfg: Config):
-    """logp and entropy (B, T) of the given rows under the current policy, without gradient."""
-    B, T = rollouts.completions.shape
-    logp, entropy = torch.zeros(B, T), torch.zeros(B, T)
-    for mb in micro_batches(rollouts, rows, cfg.micro_batch_tokens):
-        lp, ent = sequence_logp(model, rollouts, mb, cfg, with_entropy=True)
-        logp[mb, : lp.shape[1]] = lp.cpu()
-        entropy[mb, : ent.shape[1]] = ent.cpu()
-    return logp, entropy
-
-
-# ----------------------------------------------------------------------------------------------
-# Advantages, the S2T mask and the loss: the math of the paper, on (B, T) tensors.
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """rewards (B,) -> advantages (B,): z-score inside each group of G samples of one prompt.
-    A group whose rewards are all equal carries no signal and gets A = 0."""
-    groups = rewards.float().view(-1, group_size)  # (P, G)
-    mean, std = groups.mean(1, keepdim=True), groups.std(1, keepdim=True)  # (P, 1)
-    return ((groups - mean) / (std + eps)).view(-1)  # (B,); std = 0 gives exactly 0
-
-
-def s2t_candidates(logp, entropy, advantages, completion_mask, tau_p: float, q: float):
-    """Candidates C = {A > 0 and p < tau_p} and tau_h, the q-quantile of H over C (None if |C| < 2)."""
-    candidates = (advantages[:, None] > 0) & completion_mask & (logp.exp() < tau_p)  # (B, T)
-    if candidates.sum() < 2:
-        return candidates, None
-    return candidates, torch.quantile(entropy[candidates].float(), q)  # linear interpolation
-
-
-def s2t_mask(logp, entropy, advantages, completion_mask, tau_p: float = 0.002, q: float = 0.75):
-    """(B, T) bool, True where a token is spurious (S2T, arXiv 2602.15620v4, Sec. 4).
-
-    The gradient norm of a token's logits is bounded below by |w|^2 (1 - 2p + e^{-H}): it is largest
-    when the sampled token was unlikely (p small) while the model was confident (H small). Inside a
-    correct answer (A > 0) such a token is pushed up hard although it is most likely noise that the
-    answer survived, not the reason it is right. Silence those: p < tau_p and H below the q-quantile
-    of H over all such low-probability candidates of the mini-batch.
-    """
-    candidates, tau_h = s2t_candidates(logp, entropy, advantages, completion_mask, tau_p, q)
-    if tau_h is None:
-        return torch.zeros_like(candidates)
-    return candidates & (entropy < tau_h)  # (B, T), strict
-
-
-def high_entropy_keep(entropy, completion_mask, top: float = 0.2):
-    """20-Entropy baseline: keep the tokens whose H is in the top `top` share of the mini-batch."""
-    values = entropy[completion_mask].float()  # (N,)
-    k = max(1, math.ceil(top * values.numel()))
-    threshold = values.topk(k).values.min()  # topk, not quantile: no 16M-element limit
-    return completion_mask & (entropy >= threshold)  # (B, T)
-
-
-def policy_loss(logp, old_logp, advantages, keep, num_kept, eps_low: float = 0.2, eps_high: float = 0.28):
-    """-sum(keep * s) / num_kept with the clipped surrogate s = min(rho A, clip(rho, 1-eps_low, 1+eps_high) A).
-
-    num_kept is the kept-token count of the whole mini-batch, not of this micro-batch: every
-    micro-batch is then one slice of the same sum and the gradient is independent of how the
-    mini-batch is split. Silenced tokens leave the numerator and the denominator.
-    """
-    log_ratio = torch.where(keep, logp - old_logp, 0.0)  # (B, T)
-    ratio = log_ratio.exp()  # (B, T)
-    adv = advantages[:, None]  # (B, 1)
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)  # (B, T)
-    return -torch.where(keep, surrogate, 0.0).sum() / max(float(num_kept), 1.0)  # scalar; 0 if nothing kept
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-
-
-def ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg: Config):
-    """The mini-batch updates of one step. Returns step statistics and the silenced tokens."""
-    B = len(rollouts.prompts)
-    stats = {"n_candidates": 0, "n_spurious": 0, "tau_h": [], "clipped": 0, "n_kept": 0, "loss": 0.0, "grad_norm": []}
-    silenced = []
-    rows_per_mini_batch = B // cfg.mini_batches
-    for k in range(cfg.mini_batches):
-        rows = list(range(k * rows_per_mini_batch, (k + 1) * rows_per_mini_batch))
-        # p and H from the policy at the start of this mini-batch (= the rollout policy for the first).
-        logp_now, entropy_now = (old_logp, entropy) if k == 0 else score(model, rollouts, rows, cfg)
-        mask = torch.zeros_like(rollouts.completion_mask)
-        mask[rows] = rollouts.completion_mask[rows]  # (B, T): this mini-batch's completion tokens
-        if cfg.mask == "s2t":
-            spurious = s2t_mask(logp_now, entropy_now, advantages, mask, cfg.tau_p, cfg.q)  # (B, T)
-            candidates, tau_h = s2t_candidates(logp_now, entropy_now, advantages, mask, cfg.tau_p, cfg.q)
-            keep = mask & ~spurious  # (B, T)
-            stats["n_candidates"] += int(candidates.sum())
-            stats["n_spurious"] += int(spurious.sum())
-            if tau_h is not None:
-                stats["tau_h"].append(float(tau_h))
-            for i, t in spurious.nonzero().tolist():
-                silenced.append({"row": i, "t": t, "p": math.exp(logp_now[i, t]), "H": float(entropy_now[i, t]),
-                                 "A": float(advantages[i]), "tau_h": float(tau_h)})  # fmt: skip
-        elif cfg.mask == "high-entropy":
-            keep = high_entropy_keep(entropy_now, mask, cfg.entropy_top)
-        else:
-            keep = mask
-        num_kept = int(keep.sum())  # the denominator: kept tokens of the whole mini-batch
-
-        optimizer.zero_grad(set_to_none=True)
-        device = next(model.parameters()).device
-        for mb in micro_batches(rollouts, rows, cfg.micro_batch_tokens):
-            logp, _ = sequence_logp(model, rollouts, mb, cfg)  # (b, T')
-            T = logp.shape[1]
-            old, kept, adv = (x.to(device) for x in (old_logp[mb, :T], keep[mb, :T], advantages[mb]))
-            loss = policy_loss(logp, old, adv, kept, num_kept, cfg.eps_low, cfg.eps_high)
-            loss.backward()
-            with torch.no_grad():
-                ratio = (logp - old).exp()
-                clipped = ((ratio > 1 + cfg.eps_high) & (adv[:, None] > 0)) | (
-                    (ratio < 1 - cfg.eps_low) & (adv[:, None] < 0)
-                )
-                stats["clipped"] += int((clipped & kept).sum())
-            stats["loss"] += loss.item() / cfg.mini_batches
-        stats["n_kept"] += num_kept
-        stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
-        optimizer.step()
-    return stats, silenced
+# D. Checkpoints and log files
 
 
 def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: int) -> Path:
@@ -815,122 +1028,6 @@ def inspect_token(s: dict, rollouts: Rollouts, tokenizer, step: int, context: in
         "left": tokenizer.decode(ids[max(0, t - context) : t]), "right": tokenizer.decode(ids[t + 1 : t + 1 + context]),
         "p": s["p"], "H": s["H"], "A": s["A"], "tau_h": s["tau_h"], "sample": s["row"], "position": t,
     }  # fmt: skip
-
-
-def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg: Config) -> tuple[dict, dict]:
-    """One rollout batch and its updates. Returns (metrics, records for the jsonl files)."""
-    G = cfg.group_size
-    # 1. rollouts: every problem G times
-    t0 = time.time()
-    examples = prompts_for_step(problems, step, cfg.prompts_per_step, cfg.seed)
-    prompts = [e["prompt_ids"] for e in examples for _ in range(G)]  # B prompts
-    rollouts = generate(model, tokenizer, prompts, cfg, desc=f"step {step + 1} rollouts")
-    texts = [
-        tokenizer.decode(c[m], skip_special_tokens=True)
-        for c, m in zip(rollouts.completions, rollouts.completion_mask, strict=True)
-    ]
-    # 2. rewards, 3. advantages
-    golds = [e["answer"] for e in examples for _ in range(G)]
-    rewards = torch.tensor([float(verify(t, g)) for t, g in zip(texts, golds, strict=True)])  # (B,)
-    advantages = group_advantages(rewards, G)  # (B,)
-    gen_s = time.time() - t0
-
-    # 4. S2T mask and 5. the clipped update, against the rollout policy's log-probs
-    t0 = time.time()
-    old_logp, entropy = score(model, rollouts, list(range(len(prompts))), cfg)  # (B, T) each
-    logp_s = time.time() - t0
-    stats, silenced = ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg)
-    train_s = time.time() - t0
-
-    n_tokens = int(rollouts.completion_mask.sum())
-    metrics = {
-        "step": step + 1, "steps": cfg.steps, "reward": rewards.mean().item(),
-        "frac_zero_std": (rewards.view(-1, G).std(1) == 0).float().mean().item(),
-        "len_mean": n_tokens / len(prompts), "truncated_frac": rollouts.truncated.float().mean().item(),
-        "entropy": entropy[rollouts.completion_mask].mean().item(),
-        "n_candidates": stats["n_candidates"], "n_spurious": stats["n_spurious"],
-        "spurious_frac": stats["n_spurious"] / max(1, n_tokens),
-        "tau_h": sum(stats["tau_h"]) / len(stats["tau_h"]) if stats["tau_h"] else None,
-        "clip_frac": stats["clipped"] / max(1, stats["n_kept"]), "loss": stats["loss"],
-        "grad_norm": sum(stats["grad_norm"]) / len(stats["grad_norm"]),
-        "lr": optimizer.param_groups[0]["lr"], "gen_s": gen_s, "logp_s": logp_s, "train_s": train_s,
-    }  # fmt: skip
-    records = {
-        "samples": [
-            {"step": step + 1, "problem": examples[i // G]["problem"], "gold": golds[i],
-             "reward": rewards[i].item(), "completion": texts[i]}
-            for i in range(min(cfg.log_samples, len(texts)))
-        ],
-        "spurious": [inspect_token(s, rollouts, tokenizer, step + 1) for s in silenced],
-    }  # fmt: skip
-    return metrics, records
-
-
-def train(cfg: Config):
-    device = resolve_device(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(dataclasses.asdict(cfg), indent=2))
-    (out / "stapo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-
-    model, tokenizer = load_policy(cfg.resume or cfg.model, device, cfg.seed)
-    problems = []
-    for e in load_problems(cfg):
-        ids = encode_prompt(e["problem"], tokenizer, cfg.prompt_format)
-        if len(ids) <= cfg.max_prompt_tokens:
-            problems.append({**e, "prompt_ids": ids})
-    print(f"data: {len(problems)} problems with prompts of at most {cfg.max_prompt_tokens} tokens")
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    start = 0
-    if cfg.resume:
-        state = torch.load(Path(cfg.resume) / "trainer_state.pt", weights_only=True)  # tensors and numbers only
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        start = state["step"]
-        for name in ("metrics.jsonl", "samples.jsonl", "spurious.jsonl"):  # drop steps the stop lost
-            keep_steps_up_to(out / name, start)
-        print(f"resumed from {cfg.resume} at step {start}")
-
-    # Ctrl-C (or SIGTERM) once: finish this step, save, exit. Twice: stop at once.
-    stop = []
-
-    def request_stop(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to quit now)")
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for step in range(start, cfg.steps):
-            metrics, records = train_step(model, tokenizer, optimizer, problems, step, cfg)
-            scheduler.step()
-            tqdm.write(log_line(metrics))
-            append_jsonl(out / "metrics.jsonl", [metrics])
-            append_jsonl(out / "samples.jsonl", records["samples"])
-            append_jsonl(out / "spurious.jsonl", records["spurious"])
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
-                print(f"saved {save_checkpoint(model, tokenizer, optimizer, scheduler, cfg, step + 1)}")
-            if stop:
-                break
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return model
-
-
-def main(argv=None):
-    train(parse_args(argv))
 
 
 if __name__ == "__main__":
