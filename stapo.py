@@ -81,7 +81,7 @@ class Config:
     max_new_tokens: int = knob(4096, "response cap (paper: 15k)")
     temperature: float = knob(1.0, "sampling temperature")
     top_p: float = knob(1.0, "nucleus sampling")
-    kv_cache_gb: float = knob(16.0, "KV-cache budget that sizes each generate call")
+    kv_cache_gb: float = knob(0.0, "KV-cache budget of one generate call in GB; 0: what the memory plan leaves free")
     # STAPO / S2T
     mask: str = knob("s2t", "s2t: STAPO; none: JustRL, DAPO, GRPO; high-entropy: 20-Entropy", MASKS)
     tau_p: float = knob(0.002, "probability below which a token of a correct answer is a candidate")
@@ -101,7 +101,11 @@ class Config:
     # memory
     micro_batch_tokens: int = knob(16384, "token budget of one forward/backward")
     logit_chunk: int = knob(256, "tokens per LM-head chunk (0: no chunking)")
-    gradient_checkpointing: bool = knob(False, "recompute the model body in backward")
+    gradient_checkpointing: str = knob(
+        "auto", "recompute the model body in backward; auto: if the plan needs it", ("auto", "on", "off")
+    )
+    gpu_memory_gb: float = knob(0.0, "memory to plan for; 0: the device's (80 for --dry-run without a GPU)")
+    dry_run: bool = knob(False, "print the memory plan from the model's config alone and exit")
     # logging and checkpoints
     save_every: int = knob(50, "checkpoint every N steps (and at the end)")
     log_samples: int = knob(4, "completions written to samples.jsonl per step")
@@ -249,14 +253,15 @@ def loss_denominator(keep, loss_agg: str = "token") -> int:
 # 3. One training step: rollouts, rewards, advantages, then the PPO updates.
 
 
-def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg: Config) -> tuple[dict, dict]:
+def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg: Config,
+               kv_cache_bytes: float | None = None) -> tuple[dict, dict]:  # fmt: skip
     """One rollout batch and its updates. Returns (metrics, records for the jsonl files)."""
     G = cfg.group_size
     # 1. rollouts: every problem G times
     t0 = time.time()
     examples = prompts_for_step(problems, step, cfg.prompts_per_step, cfg.seed)
     prompts = [e["prompt_ids"] for e in examples for _ in range(G)]  # B prompts
-    rollouts = generate(model, tokenizer, prompts, cfg, desc=f"step {step + 1} rollouts")
+    rollouts = generate(model, tokenizer, prompts, cfg, f"step {step + 1} rollouts", kv_cache_bytes)
     texts = [
         tokenizer.decode(c[m], skip_special_tokens=True)
         for c, m in zip(rollouts.completions, rollouts.completion_mask, strict=True)
@@ -360,8 +365,10 @@ class Rollouts:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: str = "rollouts") -> Rollouts:
-    """One sampled completion per prompt, in chunks sized so the KV cache fits cfg.kv_cache_gb."""
+def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: str = "rollouts",
+             kv_cache_bytes: float | None = None) -> Rollouts:  # fmt: skip
+    """One sampled completion per prompt, in as few generate calls as the KV-cache budget allows
+    (kv_cache_bytes, from the memory plan; default --kv-cache-gb)."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -370,7 +377,8 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
         do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    chunk = sequences_per_generate(model, max(len(p) for p in prompts), cfg)
+    kv_cache_bytes = kv_cache_bytes or cfg.kv_cache_gb * 1e9
+    chunk = sequences_per_generate(model, max(len(p) for p in prompts), cfg, kv_cache_bytes)
     was_training = model.training
     model.eval()
     completions = []
@@ -461,6 +469,18 @@ def build_optimizer(model, cfg: Config):
 
 def train(cfg: Config):
     device = resolve_device(cfg)
+    # The memory plan, from the model's config alone: stop now rather than at the first full micro-batch.
+    model_config = load_model_config(cfg.resume or cfg.model)
+    device_bytes = device_memory(cfg, device)
+    plan = plan_memory(model_config, cfg, 1, device_bytes, device.type)
+    print(plan_summary(plan))
+    if plan["peak"] > plan["budget"]:
+        fixes = fixes_that_fit(model_config, cfg, 1, device_bytes, device.type)
+        sys.exit(f"the planned peak, {plan['peak'] / 1e9:.1f} GB, exceeds {plan['budget'] / 1e9:.1f} GB "
+                 f"({HEADROOM:.0%} of {device_bytes / 1e9:.1f} GB on {device}); "
+                 + (f"each of these fits: {'; '.join(fixes)}" if fixes else "no single flag fixes it")
+                 + "; add --dry-run to see the whole plan")  # fmt: skip
+
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -475,7 +495,7 @@ def train(cfg: Config):
         if len(ids) <= cfg.max_prompt_tokens:
             problems.append({**e, "prompt_ids": ids})
     print(f"data: {len(problems)} problems with prompts of at most {cfg.max_prompt_tokens} tokens")
-    if cfg.gradient_checkpointing:
+    if plan["gradient_checkpointing"]:
         model.activation_checkpointing_enable()
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
@@ -505,7 +525,7 @@ def train(cfg: Config):
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in range(start, cfg.steps):
-            metrics, records = train_step(model, tokenizer, optimizer, problems, step, cfg)
+            metrics, records = train_step(model, tokenizer, optimizer, problems, step, cfg, plan["kv_cache"])
             scheduler.step()
             tqdm.write(log_line(metrics))
             append_jsonl(out / "metrics.jsonl", [metrics])
@@ -558,7 +578,8 @@ def config_errors(cfg: Config) -> list[str]:
         ("max_new_tokens", cfg.max_new_tokens >= 1, "at least 1"),
         ("temperature", cfg.temperature > 0, "above 0"),
         ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
-        ("kv_cache_gb", cfg.kv_cache_gb > 0, "above 0"),
+        ("kv_cache_gb", cfg.kv_cache_gb >= 0, "at least 0 (0: sized by the memory plan)"),
+        ("gpu_memory_gb", cfg.gpu_memory_gb >= 0, "at least 0 (0: the device's own)"),
         ("tau_p", 0 < cfg.tau_p < 1, "a probability in (0, 1); the paper uses 0.002"),
         ("q", 0 <= cfg.q <= 1, "a quantile in [0, 1]; the paper uses 0.75"),
         ("entropy_top", 0 < cfg.entropy_top <= 1, "a share in (0, 1]"),
@@ -592,7 +613,23 @@ def config_errors(cfg: Config) -> list[str]:
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    cfg = parse_args(argv)
+    if cfg.dry_run:
+        return dry_run(cfg)
+    train(cfg)
+
+
+def dry_run(cfg: Config):
+    """Print the memory plan of --model from its config.json alone: no weights, no GPU needed."""
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    device_bytes = device_memory(cfg, device) if device else (cfg.gpu_memory_gb or 80) * 1e9
+    model_config = load_model_config(cfg.model)
+    plan = plan_memory(model_config, cfg, 1, device_bytes)
+    print(format_plan(plan, model_config, cfg))
+    if plan["peak"] > plan["budget"]:
+        fixes = fixes_that_fit(model_config, cfg, 1, device_bytes, "cuda")
+        print("does not fit; " + (f"each of these fits: {'; '.join(fixes)}" if fixes else "no single flag fixes it: "
+              f"weights, gradients and AdamW states alone need {(plan['weights'] * 4) / 1e9:.0f} GB"))  # fmt: skip
 
 
 # ==============================================================================================
@@ -897,18 +934,33 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
+def tiny_config():
+    """A 2-layer Qwen3 config shaped like the real one (GQA, tied embeddings), for the tiny tokenizer:
+    256 bytes, then <|endoftext|> (256, also pad), <|im_start|>, <|im_end|> (258)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True,
+        eos_token_id=[256, 258], pad_token_id=256, bos_token_id=None,
+    )  # fmt: skip
+
+
 def build_tiny_model(tokenizer, seed: int = 0):
-    """A 2-layer Qwen3 with random weights, shaped like the real one (GQA, tied embeddings)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """A tiny Qwen3 with random weights."""
+    from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-        tie_word_embeddings=True, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )  # fmt: skip
+    config = tiny_config()
+    assert config.vocab_size == len(tokenizer) and config.pad_token_id == tokenizer.pad_token_id
     return Qwen3ForCausalLM(config)
+
+
+def load_model_config(name: str):
+    """The model's config alone (config.json of a folder or a Hub id): enough for the memory plan."""
+    from transformers import AutoConfig
+
+    return tiny_config() if name == "tiny" else AutoConfig.from_pretrained(name)
 
 
 def load_policy(name: str, device: torch.device, seed: int = 0):
@@ -943,6 +995,15 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(cfg.device)
 
 
+def device_memory(cfg: Config, device: torch.device) -> float:
+    """Bytes the run may plan for: --gpu-memory-gb, else the GPU's memory, else the machine's RAM."""
+    if cfg.gpu_memory_gb > 0:
+        return cfg.gpu_memory_gb * 1e9
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def uses_bf16(cfg: Config, device: torch.device) -> bool:
     return cfg.precision == "bf16-autocast" or (cfg.precision == "auto" and device.type == "cuda")
 
@@ -963,13 +1024,12 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def sequences_per_generate(model, prompt_len: int, cfg: Config) -> int:
-    """How many sequences one generate call may hold so their KV cache fits cfg.kv_cache_gb."""
+def sequences_per_generate(model, prompt_len: int, cfg: Config, kv_cache_bytes: float) -> int:
+    """How many sequences one generate call may hold so their KV cache fits kv_cache_bytes."""
     c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     dtype_bytes = 2 if uses_bf16(cfg, next(model.parameters()).device) else 4
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * dtype_bytes  # K and V
-    return max(1, int(cfg.kv_cache_gb * 2**30 // (per_token * (prompt_len + cfg.max_new_tokens))))
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim(c) * dtype_bytes  # K and V
+    return max(1, int(kv_cache_bytes // (per_token * (prompt_len + cfg.max_new_tokens))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1028,6 +1088,172 @@ def inspect_token(s: dict, rollouts: Rollouts, tokenizer, step: int, context: in
         "left": tokenizer.decode(ids[max(0, t - context) : t]), "right": tokenizer.decode(ids[t + 1 : t + 1 + context]),
         "p": s["p"], "H": s["H"], "A": s["A"], "tau_h": s["tau_h"], "sample": s["row"], "position": t,
     }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# E. Memory plan: the bytes of each part and the peak of each phase, from a model config alone.
+# GB here is 1e9 bytes; D hidden size, M MLP width, H and K query and key/value heads of width d.
+
+HEADROOM = 0.9  # plan to 90 % of the device: the CUDA allocator rounds and fragments
+
+
+def parameter_count(c) -> int:
+    """Parameters of a Qwen3/Llama-style decoder from its config."""
+    D, M, H, K, d = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, head_dim(c)
+    layer = D * H * d + 2 * D * K * d + H * d * D + 3 * D * M + 2 * D + 2 * d  # attention, MLP, norms
+    embeddings = c.vocab_size * D * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    return c.num_hidden_layers * layer + embeddings + D
+
+
+def head_dim(c) -> int:
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def activation_bytes_per_token(c) -> int:
+    """Bytes autograd keeps per token per decoder layer: fp32 weights under bf16 autocast, no
+    checkpointing. Measured on CPU at the real widths of Qwen3-1.7B and 8B with saved-tensor hooks
+    (test_plan_matches_saved_tensors_at_real_width), term by term:
+      26 D: the fp32 layer input, normed input and mid-layer sum of both RMSNorms (4 x 4 D), and
+            autocast's bf16 casts of the normed input, once per q/k/v and gate/up projection (5 x 2 D);
+      8 M:  the MLP's gate, SiLU, up and product outputs, bf16;
+      10 H d + 10 K d: q/k norms (fp32 input, bf16 output), SDPA's q, k, v and output (bf16);
+      8 H + 4 K + 8: RMSNorm reciprocals and SDPA's fp32 logsumexp.
+    On CUDA, flash and cuDNN attention save the same tensors and the fp32 autocast ops of CUDA act on
+    tensors that are fp32 here already, so the figure holds; a fallback to the math SDPA kernel
+    (GPUs older than sm80) would keep the (T, T) attention matrix: far more. The CUDA allocator adds
+    a few to 20 %, which HEADROOM covers.
+    """
+    D, M, H, K, d = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, head_dim(c)
+    return 26 * D + 8 * M + 10 * H * d + 10 * K * d + 8 * H + 4 * K + 8
+
+
+PHASES = {  # the parts alive at the peak of each phase of a step
+    "generation": ("weights", "adamw", "autocast_weights", "kv_cache", "sampling"),
+    "scoring": ("weights", "adamw", "autocast_weights", "forward_working", "lm_head_chunk"),
+    "update": ("weights", "gradients", "adamw", "autocast_weights", "activations", "lm_head_chunk"),
+    "optimizer step": ("weights", "gradients", "adamw", "optimizer_temporaries"),
+}
+
+
+def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: float | None = None,
+                device_type: str = "cuda") -> dict:  # fmt: skip
+    """Bytes of each part and the peak of each phase (PHASES) on one rank, as a flat dict of numbers.
+
+    Resolves the automatic settings against the device's memory (default: --gpu-memory-gb, else
+    80 GB): gradient checkpointing (on when the update would not fit without it) and the KV-cache
+    budget (what generation leaves free, in as few generate calls as fit).
+    """
+    c, W = model_config, world_size
+    device_bytes = device_bytes or (cfg.gpu_memory_gb or 80) * 1e9
+    D, M, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    n = parameter_count(c)
+    bf16 = cfg.precision == "bf16-autocast" or (cfg.precision == "auto" and device_type == "cuda")
+    seq = cfg.max_prompt_tokens + cfg.max_new_tokens  # a full-length sequence
+    tokens = max(1, cfg.micro_batch_tokens // seq) * seq  # a full micro-batch (one sequence at least)
+    per_layer = activation_bytes_per_token(c)
+    padded = per_layer + 4 * (c.num_attention_heads - c.num_key_value_heads) * head_dim(c) + 2 * seq  # K/V repeat, mask
+    plan = {
+        "parameters": n, "world_size": W, "device_bytes": device_bytes, "budget": HEADROOM * device_bytes,
+        "micro_batch_tokens_planned": tokens, "activations_per_token_per_layer": per_layer,
+        "weights": 4 * n / W, "gradients": 4 * n / W, "adamw": 8 * n / W, "optimizer_temporaries": 4 * n / W,
+        "autocast_weights": 2 * n if bf16 else 0,  # bf16 copies of every layer, kept for backward
+        "activations_full": tokens * (L * padded + 12 * D),  # + final norm and the LM head's input
+        # checkpointing keeps each layer's fp32 input, and recomputes one layer in backward (1.12x, measured)
+        "activations_checkpointed": tokens * (L * 4 * D + 1.12 * padded + 12 * D),
+        "lm_head_chunk": 4 * 4 * min(cfg.logit_chunk or tokens, tokens) * V,  # fp32 logits, log-probs, 2 grads
+        "forward_working": tokens * (6 * M + 14 * D),  # one layer's transients without grad, and the hidden states
+    }  # fmt: skip
+    without = sum(plan[k] for k in PHASES["update"] if k != "activations") + plan["activations_full"]
+    checkpointing = cfg.gradient_checkpointing == "on" or (
+        cfg.gradient_checkpointing == "auto" and without > plan["budget"]
+    )
+    plan["gradient_checkpointing"] = int(checkpointing)
+    plan["activations"] = plan["activations_checkpointed" if checkpointing else "activations_full"]
+
+    # Generation: per sequence of a generate call, its KV cache, the sampler's fp32 logits,
+    # probabilities and top-p sort, and the prefill's transients. Gradients are freed by then.
+    kv_per_seq = seq * 2 * L * c.num_key_value_heads * head_dim(c) * (2 if bf16 else 4)  # K and V
+    sampling_per_seq = 20 * V + cfg.max_prompt_tokens * (6 * M + 14 * D)
+    resident = sum(plan[k] for k in PHASES["generation"][:3])
+    rollouts = cfg.prompts_per_step * cfg.group_size // W
+    if cfg.kv_cache_gb > 0:  # given: it wins
+        per_call = max(1, int(cfg.kv_cache_gb * 1e9 // kv_per_seq))
+    else:  # what the budget leaves free
+        per_call = max(1, int((plan["budget"] - resident) // (kv_per_seq + sampling_per_seq)))
+    calls = math.ceil(rollouts / per_call)
+    per_call = min(per_call, math.ceil(rollouts / calls))  # as few calls as fit, evenly filled
+    plan.update(sequences_per_generate=per_call, generate_calls=calls, kv_cache=per_call * kv_per_seq,
+                sampling=per_call * sampling_per_seq)  # fmt: skip
+    for phase, parts in PHASES.items():
+        plan[f"peak_{phase.replace(' ', '_')}"] = sum(plan[k] for k in parts)
+    plan["peak"] = max(plan[f"peak_{phase.replace(' ', '_')}"] for phase in PHASES)
+    return plan
+
+
+PART_LABELS = {
+    "weights": "fp32 weights", "gradients": "fp32 gradients", "adamw": "AdamW states (2 x fp32)",
+    "optimizer_temporaries": "AdamW step temporaries", "autocast_weights": "bf16 weight copies (autocast)",
+    "kv_cache": "KV cache of one generate call", "sampling": "sampler logits + prefill",
+    "forward_working": "forward without grad", "activations": "activations of a micro-batch",
+    "lm_head_chunk": "LM-head chunk (--logit-chunk)",
+}  # fmt: skip
+
+
+def format_plan(plan: dict, model_config, cfg: Config) -> str:
+    """The plan as a table: one row per part, one column per phase, in GB."""
+    c, gb = model_config, 1e9
+    head = f"{'part (GB)':<34}" + "".join(f"{phase:>16}" for phase in PHASES)
+    lines = [
+        f"memory plan: {cfg.model} ({plan['parameters'] / 1e9:.2f} B parameters, {c.num_hidden_layers} layers, "
+        f"hidden {c.hidden_size}), {plan['world_size']} GPU(s) of {plan['device_bytes'] / gb:.0f} GB each, "
+        f"planned to {HEADROOM:.0%} = {plan['budget'] / gb:.1f} GB",
+        head, "-" * len(head),
+    ]  # fmt: skip
+    for key, label in PART_LABELS.items():
+        cells = [f"{plan[key] / gb:16.1f}" if key in parts else f"{'-':>16}" for parts in PHASES.values()]
+        lines.append(f"{label:<34}" + "".join(cells))
+    lines.append(f"{'peak':<34}" + "".join(f"{plan['peak_' + p.replace(' ', '_')] / gb:16.1f}" for p in PHASES))
+    lines.append(plan_summary(plan))
+    return "\n".join(lines)
+
+
+def plan_summary(plan: dict) -> str:
+    """The plan in one line, printed at the start of every run."""
+    fits = "fits" if plan["peak"] <= plan["budget"] else "DOES NOT FIT"
+    return (
+        f"plan: peak {plan['peak'] / 1e9:.1f} GB of {plan['budget'] / 1e9:.1f} GB ({fits}) | "
+        f"gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'} | "
+        f"micro-batch {plan['micro_batch_tokens_planned']:,} tokens, activations {plan['activations'] / 1e9:.1f} GB | "
+        f"{plan['generate_calls']} generate call(s) per step of {plan['sequences_per_generate']} sequences, "
+        f"KV cache {plan['kv_cache'] / 1e9:.1f} GB"
+    )
+
+
+def fixes_that_fit(model_config, cfg: Config, world_size: int, device_bytes: float, device_type: str) -> list[str]:
+    """Single-flag changes that bring the planned peak within the budget, each with its peak."""
+
+    def fits(**change) -> str | None:
+        plan = plan_memory(model_config, dataclasses.replace(cfg, **change), world_size, device_bytes, device_type)
+        ((name, value),) = change.items()
+        return (
+            f"--{name.replace('_', '-')} {value} (peak {plan['peak'] / 1e9:.1f} GB)"
+            if plan["peak"] <= plan["budget"]
+            else None
+        )
+
+    seq = cfg.max_prompt_tokens + cfg.max_new_tokens
+    found = [fits(gradient_checkpointing="on") if cfg.gradient_checkpointing != "on" else None]
+    found += [
+        next(
+            filter(
+                None, (fits(micro_batch_tokens=rows * seq) for rows in range(cfg.micro_batch_tokens // seq - 1, 0, -1))
+            ),
+            None,
+        )
+    ]
+    found += [fits(kv_cache_gb=0.0) if cfg.kv_cache_gb > 0 else None]
+    found += [next(filter(None, (fits(max_new_tokens=cfg.max_new_tokens // 2**k) for k in (1, 2, 3))), None)]
+    return [f for f in found if f]
 
 
 if __name__ == "__main__":

@@ -259,9 +259,9 @@ def test_rollouts_cut_at_first_eos_and_keep_it(tiny):
 def test_generation_is_chunked_to_the_kv_cache_budget(tiny):
     model, tok = tiny
     # tiny in fp32: 2 layers x 2 KV heads x 16 dims x K,V x 4 bytes = 512 bytes per token
-    cfg = tiny_cfg(max_new_tokens=8, kv_cache_gb=3 * 512 * (24 + 8) / 2**30)
-    assert stapo.sequences_per_generate(model, 24, cfg) == 3
-    assert stapo.sequences_per_generate(model, 10**6, cfg) == 1  # never zero
+    cfg = tiny_cfg(max_new_tokens=8, kv_cache_gb=3 * 512 * (24 + 8) / 1e9)
+    assert stapo.sequences_per_generate(model, 24, cfg, cfg.kv_cache_gb * 1e9) == 3
+    assert stapo.sequences_per_generate(model, 10**6, cfg, cfg.kv_cache_gb * 1e9) == 1  # never zero
     prompts = [torch.arange(20, 44)] * 7  # 3 generate calls: 3 + 3 + 1
     r = stapo.generate(model, tok, prompts, cfg)
     assert r.completions.shape[0] == 7 and r.completion_mask[:, 0].all()
@@ -448,6 +448,143 @@ def test_bf16_autocast_at_lr_1e6_changes_fp32_weights(tiny):
     # why fp32 master weights: the same step on bf16 weights rounds away almost everywhere
     w = before["model.layers.0.mlp.up_proj.weight"].bfloat16()
     assert ((w + 1e-6) != w).float().mean() < 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory plan
+
+QWEN3_SHAPES = {  # the paper's three sizes: hidden, MLP, layers, heads, KV heads, tied embeddings
+    "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, tie_word_embeddings=True),
+    "8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=False),
+    "14B": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=8, tie_word_embeddings=False),
+}  # fmt: skip
+
+
+def qwen3_config(shape: str, **overrides):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**{"vocab_size": 151_936, "head_dim": 128, **QWEN3_SHAPES[shape], **overrides})
+
+
+def saved_bytes(config, layers: int, tokens: int) -> int:
+    """Bytes of every tensor autograd saves in a forward of a `layers`-deep body (fp32 weights under
+    bf16 autocast, zero weights, built on the meta device first), each storage counted once."""
+    from transformers import Qwen3Model
+
+    config = copy.deepcopy(config)
+    config.num_hidden_layers, config.vocab_size = layers, 16  # the embedding plays no part
+    with torch.device("meta"):
+        body = Qwen3Model(config)
+    body = body.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in body.parameters():
+            p.zero_()
+        body.rotary_emb.inv_freq.copy_(body.rotary_emb.compute_default_rope_parameters(config)[0])
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(1, tokens, config.hidden_size, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        body.train()(inputs_embeds=x, use_cache=False)
+    return sum(storages.values())
+
+
+def measured_bytes_per_token_per_layer(config, short: int = 32, long: int = 64) -> float:
+    """(2-layer minus 1-layer body) at two lengths: weights and their bf16 copies cancel out."""
+    per_layer = {t: saved_bytes(config, 2, t) - saved_bytes(config, 1, t) for t in (short, long)}
+    return (per_layer[long] - per_layer[short]) / (long - short)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["1.7B", "8B"])
+def test_plan_matches_saved_tensors_at_real_width(shape):
+    config = qwen3_config(shape)
+    measured = measured_bytes_per_token_per_layer(config)
+    planned = stapo.plan_memory(config, stapo.Config())["activations_per_token_per_layer"]
+    print(f"\n{shape}: measured {measured:,.0f} B/token/layer, planned {planned:,}")
+    assert planned == pytest.approx(measured, rel=0.10)
+
+
+def test_plan_matches_saved_tensors_at_a_small_width():
+    config = qwen3_config("1.7B", hidden_size=256, intermediate_size=640, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=32)  # fmt: skip
+    planned = stapo.activation_bytes_per_token(config)
+    assert planned == pytest.approx(measured_bytes_per_token_per_layer(config, 16, 48), rel=0.10)
+
+
+@pytest.fixture(scope="module")
+def shape_dirs(tmp_path_factory):
+    """Folders that hold only a config.json of each of the paper's sizes: no weights, no tokenizer."""
+    root = tmp_path_factory.mktemp("shapes")
+    for shape in QWEN3_SHAPES:
+        qwen3_config(shape, max_position_embeddings=40_960).save_pretrained(root / shape)
+    return root
+
+
+@pytest.mark.parametrize("shape", QWEN3_SHAPES)
+def test_dry_run_prints_the_plan_from_a_config_alone(shape_dirs, shape, capsys):
+    from transformers import AutoConfig
+
+    stapo.main(["--model", str(shape_dirs / shape), "--dry-run"])
+    out = capsys.readouterr().out
+    plan = stapo.plan_memory(AutoConfig.from_pretrained(shape_dirs / shape), stapo.Config())
+    assert "generation" in out and "activations of a micro-batch" in out and f"{plan['peak'] / 1e9:.1f}" in out
+    if shape == "1.7B":  # the default command fits 90 % of an 80 GB GPU
+        assert plan["peak"] <= 72e9 and "(fits)" in out
+    else:  # fp32 weights, gradients and AdamW states alone exceed one GPU
+        assert plan["weights"] * 4 > 80e9 and "DOES NOT FIT" in out
+
+
+def test_default_plan_turns_checkpointing_on_only_when_needed(shape_dirs):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(shape_dirs / "1.7B")
+    on = stapo.plan_memory(config, stapo.Config())
+    assert on["gradient_checkpointing"] and on["peak_update"] <= 72e9
+    assert on["activations_full"] > on["activations_checkpointed"] * 5  # why it is needed at 15 k tokens
+    one = stapo.plan_memory(config, stapo.Config(micro_batch_tokens=5120))  # one sequence per micro-batch fits as is
+    assert not one["gradient_checkpointing"] and one["peak_update"] <= 72e9
+    forced = stapo.plan_memory(config, stapo.Config(gradient_checkpointing="off"))
+    assert forced["peak"] > forced["budget"]
+
+
+def test_kv_cache_is_sized_to_what_the_plan_leaves_free(shape_dirs):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(shape_dirs / "1.7B")
+    kv_per_seq = (1024 + 4096) * 2 * 28 * 8 * 128 * 2  # K and V, bf16, every layer
+    for gpu_gb, calls in ((80, 4), (141, 2)):
+        plan = stapo.plan_memory(config, stapo.Config(), device_bytes=gpu_gb * 1e9)
+        assert plan["peak_generation"] <= plan["budget"]
+        assert plan["generate_calls"] == calls and plan["sequences_per_generate"] * calls == 256
+        assert plan["kv_cache"] == plan["sequences_per_generate"] * kv_per_seq
+    given = stapo.plan_memory(config, stapo.Config(kv_cache_gb=16))  # an explicit budget wins
+    fit = int(16e9 // kv_per_seq)  # 27 sequences: 10 calls, filled evenly with 26
+    assert given["generate_calls"] == math.ceil(256 / fit) and given["sequences_per_generate"] == math.ceil(256 / 10)
+
+
+def test_generate_uses_the_planned_kv_budget(tiny):
+    model, tok = tiny
+    cfg = tiny_cfg(max_new_tokens=8)
+    plan = stapo.plan_memory(model.config, cfg, device_bytes=1e12, device_type="cpu")
+    assert plan["generate_calls"] == 1 and plan["sequences_per_generate"] == 16  # 4 prompts x 4 samples
+
+
+def test_a_run_over_budget_stops_before_loading_anything(shape_dirs, tmp_path, capsys):
+    flags = ["--model", str(shape_dirs / "1.7B"), "--gradient-checkpointing", "off", "--gpu-memory-gb", "80",
+             "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:  # the folder has no weights: loading them would fail otherwise
+        stapo.main(flags)
+    message = str(exit_info.value.code)
+    assert "exceeds 72.0 GB" in message and "--gradient-checkpointing on (peak" in message
+    assert "--micro-batch-tokens 10240 (peak" in message  # two full sequences instead of three
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------------------------
