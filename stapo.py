@@ -462,56 +462,25 @@ def score(model, rollouts: Rollouts, rows: list[int], cfg: Config):
 def build_optimizer(model, cfg: Config):
     """AdamW with a linear warm-up to a constant learning rate (the paper's schedule)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, cfg.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     return optimizer, scheduler
 
 
 def train(cfg: Config):
     device = resolve_device(cfg)
-    # The memory plan, from the model's config alone: stop now rather than at the first full micro-batch.
-    model_config = load_model_config(cfg.resume or cfg.model)
-    device_bytes = device_memory(cfg, device)
-    plan = plan_memory(model_config, cfg, 1, device_bytes, device.type)
-    print(plan_summary(plan))
-    if plan["peak"] > plan["budget"]:
-        fixes = fixes_that_fit(model_config, cfg, 1, device_bytes, device.type)
-        sys.exit(f"the planned peak, {plan['peak'] / 1e9:.1f} GB, exceeds {plan['budget'] / 1e9:.1f} GB "
-                 f"({HEADROOM:.0%} of {device_bytes / 1e9:.1f} GB on {device}); "
-                 + (f"each of these fits: {'; '.join(fixes)}" if fixes else "no single flag fixes it")
-                 + "; add --dry-run to see the whole plan")  # fmt: skip
-
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(dataclasses.asdict(cfg), indent=2))
-    (out / "stapo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    plan = plan_or_stop(load_model_config(cfg.resume or cfg.model), cfg, device)
+    same_run = check_run_folder(cfg)  # before anything slow, and before anything is written
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-
-    model, tokenizer = load_policy(cfg.resume or cfg.model, device, cfg.seed)
-    problems = []
-    for e in load_problems(cfg):
-        ids = encode_prompt(e["problem"], tokenizer, cfg.prompt_format)
-        if len(ids) <= cfg.max_prompt_tokens:
-            problems.append({**e, "prompt_ids": ids})
-    print(f"data: {len(problems)} problems with prompts of at most {cfg.max_prompt_tokens} tokens")
+    tokenizer = load_tokenizer(cfg.resume or cfg.model)
+    problems = load_problems(cfg, tokenizer)
+    model = load_model(cfg.resume or cfg.model, device, tokenizer, cfg.seed)
+    out = open_run_folder(cfg, same_run)
     if plan["gradient_checkpointing"]:
         model.activation_checkpointing_enable()
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
-    start = 0
-    if cfg.resume:
-        state = torch.load(Path(cfg.resume) / "trainer_state.pt", weights_only=True)  # tensors and numbers only
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        start = state["step"]
-        for name in ("metrics.jsonl", "samples.jsonl", "spurious.jsonl"):  # drop steps the stop lost
-            keep_steps_up_to(out / name, start)
-        print(f"resumed from {cfg.resume} at step {start}")
+    start = restore_trainer_state(cfg, optimizer, scheduler) if cfg.resume else 0
 
     # Ctrl-C (or SIGTERM) once: finish this step, save, exit. Twice: stop at once.
     stop = []
@@ -541,6 +510,20 @@ def train(cfg: Config):
     return model
 
 
+def plan_or_stop(model_config, cfg: Config, device: torch.device) -> dict:
+    """The memory plan in one line; stop now, before generating, if its peak exceeds the device."""
+    device_bytes = device_memory(cfg, device)
+    plan = plan_memory(model_config, cfg, 1, device_bytes, device.type)
+    print(plan_summary(plan))
+    if plan["peak"] > plan["budget"]:
+        fixes = fixes_that_fit(model_config, cfg, 1, device_bytes, device.type)
+        sys.exit(f"the planned peak, {plan['peak'] / 1e9:.1f} GB, exceeds {plan['budget'] / 1e9:.1f} GB "
+                 f"({HEADROOM:.0%} of {device_bytes / 1e9:.1f} GB on {device}); "
+                 + (f"each of these fits: {'; '.join(fixes)}" if fixes else "no single flag fixes it")
+                 + "; add --dry-run to see the whole plan")  # fmt: skip
+    return plan
+
+
 def parse_args(argv=None) -> Config:
     """CLI flags from the dataclass. With --resume, the run's saved config is the base."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
@@ -555,10 +538,19 @@ def parse_args(argv=None) -> Config:
             parser.add_argument(flag, type=kind, choices=choices, help=help_text)
     given = vars(parser.parse_args(argv))
     base = {}
-    if "resume" in given:
-        if not (Path(given["resume"]) / "trainer_state.pt").exists():
-            parser.error(f"--resume {given['resume']}: not a checkpoint folder (no trainer_state.pt in it)")
-        base = json.loads((Path(given["resume"]) / "stapo_config.json").read_text())
+    if "resume" in given:  # the checkpoint's config, then every flag given on top of it
+        ckpt = Path(given["resume"])
+        if not (ckpt / "trainer_state.pt").exists() or not (ckpt / "stapo_config.json").exists():
+            parser.error(f"--resume {ckpt}: not a checkpoint folder (no trainer_state.pt and stapo_config.json)")
+        base = json.loads((ckpt / "stapo_config.json").read_text())
+        base = {k: v for k, v in base.items() if k in {f.name for f in dataclasses.fields(Config)}}
+        if given.get("model", base["model"]) != base["model"]:
+            parser.error(f"--model {given['model']}: {ckpt} holds weights trained from {base['model']}, and those "
+                         "are what resumes; drop --model, or start a new run")  # fmt: skip
+        base["output_dir"] = str(ckpt.parent)  # the checkpoint's own run, unless --output-dir branches off
+        if given.get("steps", base["steps"]) <= checkpoint_step(ckpt):
+            parser.error(f"--steps {given.get('steps', base['steps'])}: {ckpt} is at step {checkpoint_step(ckpt)} "
+                         "already; give more steps")  # fmt: skip
     defaults = {}
     if given.get("model", base.get("model")) == "tiny":  # CPU-sized unless set: seconds per step, not minutes
         defaults = TINY_DEFAULTS
@@ -659,18 +651,38 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
-_REPLACEMENTS = [
-    ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
-    ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\displaystyle", ""), ("{,}", ","), ("~", " "),
-    ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("°", ""), ("\\%", ""), ("%", ""), ("\\$", ""),
-    ("$", ""), ("\\{", "{"), ("\\}", "}"), ("\\le", "<="), ("\\ge", ">="), ("\n", " "),
-]  # fmt: skip
-_UNIT_TEXT = re.compile(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z ]*\}(?:\^\{?\d\}?)?\s*$")
-_WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\{([^{}]*)\}")
+# LaTeX commands are read whole: a backslash and all the letters after it, or a backslash and one other
+# character. So \le never matches inside \leq or \left, \left never eats the start of \leftarrow, and no
+# entry of this table depends on the order of the others (a plain str.replace of \ge turns \geq into >=q).
+_COMMANDS = {
+    "left": "", "right": "", "left.": "", "right.": "", "bigl": "", "bigr": "", "Bigl": "", "Bigr": "",
+    "displaystyle": "", "dfrac": "\\frac", "tfrac": "\\frac", "cfrac": "\\frac", "lbrace": "{", "rbrace": "}",
+    "le": "<=", "leq": "<=", "leqq": "<=", "leqslant": "<=", "lt": "<",
+    "ge": ">=", "geq": ">=", "geqq": ">=", "geqslant": ">=", "gt": ">", "ne": "!=", "neq": "!=",
+    "circ": "", "degree": "", "%": "", "$": "", "{": "{", "}": "}",
+    "!": "", ",": "", ";": "", ":": "", " ": " ", "quad": " ", "qquad": " ",
+}  # fmt: skip
+_COMMAND = re.compile(r"\\(left\.|right\.|[a-zA-Z]+|.)", re.S)  # "\\" (a matrix row break) is read as one
+_DEGREES = re.compile(r"\^ *(?:\{ *\\circ *\}|\\circ(?![a-zA-Z]))")
+_SYMBOLS = [("≤", "<="), ("≥", ">="), ("≠", "!="), ("−", "-"), ("°", ""), ("%", ""), ("$", ""), ("~", " ")]
+_TEXT = r"\\(?:text|textnormal|textrm|textup|textsf|textbf|textit|mathrm|mathbf|mathit|mathsf|mbox|operatorname)"
+_UNIT_TEXT = re.compile(rf"(?<=[\d}}])\s*{_TEXT}\{{\s*[a-zA-Z][a-zA-Z ]*\}}(?:\^\{{?\d\}}?)?\s*$")
+_WRAPPER = re.compile(rf"{_TEXT}\{{([^{{}}]*)\}}")
 _UNIT_WORDS = re.compile(r"(?<=[\d}])(?:\s+[a-zA-Z]+(?:\^\d)?)+\s*$")
-_LEFT_SIDE = re.compile(r"^\s*(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*=(?!=)")
-_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_AND = re.compile(r",? ?(?<![a-zA-Z\\])and(?![a-zA-Z]) ?")  # 6 and 8, 6, 8, and 9: list separators
+# A left side that only names the answer: x, a_{n}, \theta, f(x), g(2), (p,q), \angle ABC; then = or \in.
+_SYMBOL = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_(?:\{[^{}]*\}|[a-zA-Z0-9]+)|')*"  # one way to split: no backtracking
+_ARGS = rf"\((?:-?\d+|{_SYMBOL})(?: ?, ?(?:-?\d+|{_SYMBOL}))*\)"
+_NAME = rf"(?:{_SYMBOL}(?: ?{_ARGS})?|\({_SYMBOL}(?: ?, ?{_SYMBOL})+\)|(?:m ?)?\\angle ?[A-Z]+)"
+_RELATION = re.compile(r"=|\\in(?![a-zA-Z])")
+_LEFT_SIDE = re.compile(rf"^{_NAME} ?(?:{_RELATION.pattern}) ?")
+# Thousands separators: 1,234 and 1,234,567 (groups of exactly three digits, no space after the comma, no
+# leading 0). Checked before spaces are removed, so the list "32, 349" never becomes 32349.
+_THOUSANDS = re.compile(r"[+-]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
 _NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)"
+# Work units per answers_match call. A unit (one character parsed, or 1/20 of a comparison) took about 60 ns
+# here, so a call stays under ~7 ms; real answers use a few hundred units.
+MATCH_BUDGET = 100_000
 
 
 def _balanced(s: str) -> bool:
@@ -684,29 +696,35 @@ def _balanced(s: str) -> bool:
 
 @functools.lru_cache(maxsize=65536)
 def normalize_answer(answer: str) -> str | None:
-    """Canonical form of an answer (gold or predicted); None if it is empty or unusable."""
+    """Canonical form of an answer (gold or predicted); None if it is empty or unusable. The steps run in order."""
     s = answer.strip()
     if "\\boxed" in s or "\\fbox" in s:  # a gold given as \boxed{...}
         s = extract_boxed(s) or ""
     if not s or len(s) > MAX_ANSWER_CHARS or not _balanced(s):
         return None
-    s = _UNIT_TEXT.sub("", s)  # 5\text{ cm}^2 -> 5
-    s = re.sub(r"(?<!\\)\\ ", " ", s)  # "\ " is a space, but "\\ " is a matrix row break
-    for old, new in _REPLACEMENTS:
+    s = _DEGREES.sub("", s.replace("{,}", ","))  # {,} before \{ and \} become braces; ^\circ before \circ
+    s = _COMMAND.sub(lambda m: _COMMANDS.get(m[1], m[0]), s)
+    for old, new in _SYMBOLS:  # after the commands, so that \$ and \% are gone before $ and %
         s = s.replace(old, new)
+    s = _UNIT_TEXT.sub("", s)  # 5\text{ cm}^2 -> 5
     for _ in range(3):  # \text{\textbf{x}} -> x
         s = _WRAPPER.sub(r"\1", s)
-    s = _UNIT_WORDS.sub("", s.strip().rstrip("."))  # 10 degrees -> 10
-    if s.count("=") == 1:
-        s = _LEFT_SIDE.sub("", s)  # x = 5 -> 5
+    s = _AND.sub(",", " ".join(s.split()))  # spaces collapsed to one: 6 \text{ and } 8 -> 6,8
+    s = _UNIT_WORDS.sub("", s.rstrip("."))  # 10 degrees -> 10
+    if len(_RELATION.findall(s)) == 1:  # f(x) = 5 -> 5, x \in [1,2] -> [1,2], but x+y = 5 stays
+        s = _LEFT_SIDE.sub("", s)
+    if _THOUSANDS.fullmatch(s.strip()):  # spaces still present here
+        s = s.replace(",", "")
     s = re.sub(r"\s+", "", s).rstrip(".")
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac1{2}
     s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
-    s = re.sub(r"^\(([A-Z])\)$", r"\1", s)  # (C) -> C
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "")
+    for _ in range(3):  # (5) -> 5, ((C)) -> C; (1,2) and (1)+(2) keep theirs. 3 layers at most: linear time
+        b = _bracketed(s)
+        if not b or b[0] + b[2] != "()" or len(b[1]) != 1:
+            break
+        s = s[1:-1]
     return s or None
 
 
@@ -744,43 +762,84 @@ def _bracketed(s: str) -> tuple[str, list[str], str] | None:
     """(open, items, close) when the whole string is one bracketed group: (1,2], [3,4), {5,6}."""
     if len(s) < 2 or s[0] not in "([{" or s[-1] not in ")]}":
         return None
-    depth = 0
+    items, depth, start = [], 0, 1
     for i, char in enumerate(s):
         depth += (char in "([{") - (char in ")]}")
         if depth == 0 and i < len(s) - 1:
             return None  # (1)+(2): the first bracket closes early
-    return s[0], split_top_level(s[1:-1]), s[-1]
+        if char == "," and depth == 1:
+            items.append(s[start:i])
+            start = i + 1
+    return s[0], items + [s[start:-1]], s[-1]
+
+
+@dataclass
+class _Work:
+    """What one answers_match call knows: the work left, the parts of each string, the result of each pair."""
+
+    budget: int = MATCH_BUDGET
+    parts: dict = field(default_factory=dict)
+    pairs: dict = field(default_factory=dict)
 
 
 def answers_match(pred: str, gold: str) -> bool:
-    """Equality of two normalised answers."""
+    """Equality of two normalised answers. Each string is parsed once and each pair compared once per call,
+    within MATCH_BUDGET units of work, so deeply nested sets cannot take exponential time; an answer too
+    big to compare within the budget is judged wrong."""
+    return _match(pred, gold, _Work())
+
+
+def _match(pred: str, gold: str, work: _Work) -> bool:
+    """answers_match inside one call: each pair is compared once, and none once the budget is spent."""
+    if (pred, gold) not in work.pairs:
+        work.budget -= 20  # a comparison costs about as much as parsing 20 characters
+        work.pairs[pred, gold] = work.budget >= 0 and _compare(pred, gold, work)
+    return work.pairs[pred, gold]
+
+
+def _parts(s: str, work: _Work) -> tuple:
+    """(number or None, bracketed group or None, top-level items) of s."""
+    if s not in work.parts:
+        work.budget -= len(s)
+        group = _bracketed(s)
+        work.parts[s] = (to_number(s), group, [s] if group else split_top_level(s))
+    return work.parts[s]
+
+
+def _compare(pred: str, gold: str, work: _Work) -> bool:
+    """Strings, then numbers, then tuples/intervals/sets, then bare lists; the parts go back to _match."""
     if pred == gold:
         return True
-    x, y = to_number(pred), to_number(gold)
+    (x, a, items_pred), (y, b, items_gold) = _parts(pred, work), _parts(gold, work)
     if x is not None and y is not None:
         if re.fullmatch(r"[+-]?\d+", pred) and re.fullmatch(r"[+-]?\d+", gold):
             return int(pred) == int(gold)  # integers: exact, whatever their size
-        return math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-12)
-    a, b = _bracketed(pred), _bracketed(gold)
+        return math.isclose(x, y, rel_tol=1e-4)  # relative only: 0 is not 4.6e-24
     if a and b:  # tuples and intervals: bracket types must match; sets are unordered
         if (a[0], a[2]) != (b[0], b[2]) or len(a[1]) != len(b[1]) or len(a[1]) > 50:
             return False
         if a[0] == "{":
-            return _unordered_match(a[1], b[1])
-        return all(answers_match(p, g) for p, g in zip(a[1], b[1], strict=True))
-    items_pred, items_gold = split_top_level(pred), split_top_level(gold)
+            return _unordered_match(a[1], b[1], work)
+        return all(_match(p, g, work) for p, g in zip(a[1], b[1], strict=True))
     if 1 < len(items_gold) == len(items_pred) <= 50:  # bare lists: any order
-        return _unordered_match(items_pred, items_gold)
+        return _unordered_match(items_pred, items_gold, work)
     return False
 
 
-def _unordered_match(preds: list[str], golds: list[str]) -> bool:
-    unused = list(golds)
+def _unordered_match(preds: list[str], golds: list[str], work: _Work) -> bool:
+    """Every pred pairs with its own gold. Identical strings pair first (cheap, and never a wrong choice),
+    then each remaining pred takes the first unused gold that matches it."""
+    unused, rest = list(golds), []
     for p in preds:
-        hit = next((g for g in unused if answers_match(p, g)), None)
+        if p in unused:
+            unused.remove(p)
+        else:
+            rest.append(p)
+    for p in rest:
+        hit = next((i for i, g in enumerate(unused) if _match(p, g, work)), None)
         if hit is None:
             return False
-        unused.remove(hit)
+        del unused[hit]
     return True
 
 
@@ -813,18 +872,26 @@ def toy_problems() -> list[dict]:
 
 
 def row_to_example(row: dict, problem_key: str | None = None, answer_key: str | None = None) -> dict | None:
-    """One dataset row -> {"problem", "answer"}, or None when it has no usable answer.
+    """One dataset row -> {"problem", "answer"}, or None when it has no usable problem or answer."""
+    example = parse_row(row, problem_key, answer_key)
+    return example if isinstance(example, dict) else None
+
+
+def parse_row(row: dict, problem_key: str | None = None, answer_key: str | None = None) -> dict | str:
+    """One dataset row -> {"problem", "answer"}, or why it is unusable.
 
     Recognised: problem/question/prompt (a string or a chat list), answer/final_answer/
     ground_truth, DAPO's reward_model.ground_truth, or the last \\boxed{} of a solution.
     """
-    problem = (
-        row[problem_key] if problem_key else next((row[k] for k in ("problem", "question", "prompt") if k in row), None)
-    )
+    if not isinstance(row, dict):
+        return f"a {type(row).__name__}, not an object"
+    keys = [problem_key] if problem_key else ["problem", "question", "prompt"]
+    problem = next((row[k] for k in keys if k in row), None)
     if isinstance(problem, list):  # chat messages: the last user turn
-        problem = [m["content"] for m in problem if m.get("role", "user") == "user"][-1]
+        turns = [m.get("content") for m in problem if isinstance(m, dict) and m.get("role", "user") == "user"]
+        problem = turns[-1] if turns else None
     if answer_key:
-        answer = row[answer_key]
+        answer = row.get(answer_key)
     elif isinstance(row.get("reward_model"), dict):  # DAPO
         answer = row["reward_model"].get("ground_truth")
     elif any(k in row for k in ("answer", "final_answer", "ground_truth")):
@@ -833,52 +900,101 @@ def row_to_example(row: dict, problem_key: str | None = None, answer_key: str | 
         answer = row.get("solution")
         if isinstance(answer, str) and "\\boxed" in answer:
             answer = extract_boxed(answer)
-    if isinstance(answer, list):
-        answer = answer[0] if answer else None
+    if isinstance(answer, list) and len(answer) == 1:  # OlympiadBench: a list of one
+        answer = answer[0]
     if isinstance(answer, float) and answer.is_integer():
         answer = int(answer)  # 27.0 -> "27"
-    if not isinstance(problem, str) or answer is None or not str(answer).strip():
-        return None
+    if not isinstance(problem, str) or not problem.strip():
+        return "no problem text (or a chat without a user turn)"
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+        return f"the gold answer is {'empty' if answer in (None, '') else 'a ' + type(answer).__name__}"
     problem = problem.strip().removeprefix(DAPO_PREFIX.strip()).removesuffix(DAPO_SUFFIX.strip()).strip()
     return {"problem": problem, "answer": str(answer).strip()}
 
 
-def load_problems(cfg: Config) -> list[dict]:
-    """Problems with gold answers from 'toy', a local file or the Hub (deduplicated by text)."""
-    if cfg.dataset == "toy":
-        return toy_problems()
-    import datasets  # imported here: the toy path and the tests do not need it
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a local .jsonl, .json (a list of objects) or .parquet file; errors name the file and line."""
+    if not path.is_file():
+        sys.exit(f"--dataset {path}: no such file")
+    if path.suffix == ".parquet":
+        import datasets  # imported here: the other paths and most tests do not need it
 
-    path = Path(cfg.dataset)
-    if path.suffix in (".jsonl", ".json", ".parquet"):
-        if not path.exists():
-            sys.exit(f"--dataset {path}: no such file")
-        kind = "parquet" if path.suffix == ".parquet" else "json"
-        rows = datasets.load_dataset(kind, data_files=str(path), split="train")
+        try:
+            return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+        except Exception as e:  # pyarrow's many error types; the message below is what a user needs
+            sys.exit(f"--dataset {path}: not a readable parquet file ({type(e).__name__})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        sys.exit(f"--dataset {path}: not UTF-8 text (byte {e.start})")
+    if not text.strip():
+        sys.exit(f"--dataset {path}: the file is empty")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            sys.exit(f"--dataset {path}: line {e.lineno}: not valid JSON ({e.msg})")
+        if not isinstance(rows, list):
+            sys.exit(f"--dataset {path}: a .json dataset must be a list of objects (use .jsonl for one per line)")
+        return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            sys.exit(f"--dataset {path}: line {number}: not valid JSON ({e.msg})")
+    return rows
+
+
+def load_problems(cfg: Config, tokenizer=None) -> list[dict]:
+    """Problems with gold answers from 'toy', a local file or the Hub, deduplicated by text; with a
+    tokenizer, only those whose prompt fits --max-prompt-tokens, with their token ids."""
+    if cfg.dataset == "toy":
+        examples = toy_problems()
     else:
-        rows = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split)
-    columns = rows.column_names
+        path = Path(cfg.dataset)
+        if path.suffix in (".jsonl", ".json", ".parquet"):
+            rows = read_rows(path)
+        else:
+            import datasets
+
+            rows = from_hub(lambda: datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split),
+                            f"--dataset {cfg.dataset}", "--dataset path/to/file.jsonl or --dataset toy")  # fmt: skip
+        examples = usable_examples(rows, cfg)
+    if tokenizer is None:
+        return examples
+    problems = [{**e, "prompt_ids": encode_prompt(e["problem"], tokenizer, cfg.prompt_format)} for e in examples]
+    fitting = [p for p in problems if len(p["prompt_ids"]) <= cfg.max_prompt_tokens]
+    print(f"data: {len(fitting)} problems with prompts of at most {cfg.max_prompt_tokens} tokens")
+    if not fitting:
+        shortest = min(len(p["prompt_ids"]) for p in problems)
+        sys.exit(f"--max-prompt-tokens {cfg.max_prompt_tokens}: no prompt fits (the shortest has {shortest} tokens)")
+    return fitting
+
+
+def usable_examples(rows, cfg: Config) -> list[dict]:
+    """Examples of the usable rows, unique by problem; the rows skipped are counted, with the first reason."""
+    columns = set().union(*(r.keys() for r in rows[:100] if isinstance(r, dict))) if len(rows) else set()
     for key, flag in ((cfg.problem_key, "--problem-key"), (cfg.answer_key, "--answer-key")):
         if key and key not in columns:
-            sys.exit(f"{flag} {key!r} is not a column of {cfg.dataset}; columns: {columns}")
-    has_problem = cfg.problem_key or {"problem", "question", "prompt"} & set(columns)
-    has_answer = cfg.answer_key or {"answer", "final_answer", "ground_truth", "reward_model", "solution"} & set(columns)
+            sys.exit(f"{flag} {key!r} is not a column of {cfg.dataset}; columns: {sorted(columns)}")
+    has_problem = cfg.problem_key or {"problem", "question", "prompt"} & columns
+    has_answer = cfg.answer_key or {"answer", "final_answer", "ground_truth", "reward_model", "solution"} & columns
     if not (has_problem and has_answer):
-        sys.exit(
-            f"{cfg.dataset}: no problem/answer columns recognised among {columns}; "
-            "name them with --problem-key and --answer-key"
-        )
-    examples, seen, skipped = [], set(), 0
-    for row in rows:
-        example = row_to_example(row, cfg.problem_key, cfg.answer_key)
-        if example is None:
-            skipped += 1
+        sys.exit(f"{cfg.dataset}: no problem/answer columns recognised among {sorted(columns)}; "
+                 "name them with --problem-key and --answer-key")  # fmt: skip
+    examples, seen, skipped = [], set(), []
+    for number, row in enumerate(rows, 1):
+        example = parse_row(row, cfg.problem_key, cfg.answer_key)
+        if isinstance(example, str):
+            skipped.append(f"row {number}: {example}")
         elif example["problem"] not in seen:  # the Hub DAPO-Math-17k repeats each problem ~100x
             seen.add(example["problem"])
             examples.append(example)
-    print(f"data: {len(examples)} problems from {cfg.dataset} ({skipped} rows without a usable answer skipped)")
+    first = f"; first: {skipped[0]}" if skipped else ""
+    print(f"data: {len(examples)} problems from {cfg.dataset} ({len(skipped)} unusable rows skipped{first})")
     if not examples:
-        sys.exit(f"{cfg.dataset}: no usable rows")
+        sys.exit(f"--dataset {cfg.dataset}: no usable rows{first}")
     return examples
 
 
@@ -960,22 +1076,50 @@ def load_model_config(name: str):
     """The model's config alone (config.json of a folder or a Hub id): enough for the memory plan."""
     from transformers import AutoConfig
 
-    return tiny_config() if name == "tiny" else AutoConfig.from_pretrained(name)
+    if name == "tiny":
+        return tiny_config()
+    return from_hub(lambda: AutoConfig.from_pretrained(name), f"--model {name}", "--model path/to/folder")
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    if name == "tiny":
+        return build_tiny_tokenizer()
+    tokenizer = from_hub(lambda: AutoTokenizer.from_pretrained(name), f"--model {name}", "--model path/to/folder")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, device: torch.device, tokenizer, seed: int = 0):
+    """The policy in fp32: at lr 1e-6, bf16 master weights would drop the update."""
+    from transformers import AutoModelForCausalLM
+
+    if name == "tiny":
+        return build_tiny_model(tokenizer, seed).to(device)
+    load = lambda: AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True)  # noqa: E731 -- one call, named for from_hub
+    return from_hub(load, f"--model {name}", "--model path/to/folder").to(device)
 
 
 def load_policy(name: str, device: torch.device, seed: int = 0):
-    """(model in fp32, tokenizer). fp32 master weights: at lr 1e-6 bf16 weights drop the update."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model in fp32, tokenizer)."""
+    tokenizer = load_tokenizer(name)
+    return load_model(name, device, tokenizer, seed), tokenizer
 
-    if name == "tiny":
-        tokenizer = build_tiny_tokenizer()
-        model = build_tiny_model(tokenizer, seed)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
+
+def from_hub(load, what: str, local: str):
+    """load(), with one line instead of a traceback when the Hub cannot be reached or a local
+    folder is damaged."""
+    try:
+        return load()
+    except (OSError, ValueError, ConnectionError) as e:  # transformers, datasets and huggingface_hub raise these
+        name = what.split(" ", 1)[1]
+        if Path(name).exists():
+            sys.exit(f"{what}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        sys.exit(f"{what}: could not load it from the Hugging Face Hub ({type(e).__name__}). Offline? Download it "
+                 f"where the Hub is reachable and pass the folder: {local}. Without any download: "
+                 "python stapo.py --model tiny --dataset toy")  # fmt: skip
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -1036,22 +1180,100 @@ def sequences_per_generate(model, prompt_len: int, cfg: Config, kv_cache_bytes: 
 # D. Checkpoints and log files
 
 
+LOG_FILES = ("metrics.jsonl", "samples.jsonl", "spurious.jsonl")
+
+
+def check_run_folder(cfg: Config) -> bool:
+    """One run, one folder. A fresh run needs a folder without a run in it. --resume continues in the
+    checkpoint's own folder only from its latest checkpoint; from an earlier one it must branch into
+    a new --output-dir. Returns whether this run continues in the checkpoint's folder."""
+    out = Path(cfg.output_dir)
+    ckpt = Path(cfg.resume) if cfg.resume else None
+    if ckpt is not None and out.resolve() == ckpt.parent.resolve():
+        latest = max(checkpoints(out), key=checkpoint_step)
+        if latest.resolve() != ckpt.resolve():
+            sys.exit(f"--resume {ckpt}: {out} has a later checkpoint, {latest.name}; continuing here would mix "
+                     f"two histories. Branch into a new folder: --output-dir NEW_FOLDER")  # fmt: skip
+        return True
+    if out.exists() and (any((out / n).exists() for n in (*LOG_FILES, "stapo_config.json")) or checkpoints(out)):
+        sys.exit(f"--output-dir {out} already holds a run; continue it with --resume {out}/step-NNNNNN, "
+                 "or give a new --output-dir")  # fmt: skip
+    return False
+
+
+def open_run_folder(cfg: Config, same_run: bool) -> Path:
+    """The run folder with stapo_config.json (what actually runs). Nothing is ever deleted: in the same
+    run, records of steps after the checkpoint (the stop lost them) are set aside in
+    <name>.after-step-N.jsonl; a branch starts with its parent's records up to the checkpoint."""
+    out, ckpt = Path(cfg.output_dir), Path(cfg.resume) if cfg.resume else None
+    for name in LOG_FILES if same_run else ():
+        set_aside_records_after(out / name, checkpoint_step(ckpt))
+    out.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.asdict(cfg)
+    if ckpt is not None and not same_run:  # a branch: where it came from, and its history up to there
+        config["branched_from"] = str(ckpt.resolve())
+        for name in LOG_FILES:
+            source = ckpt.parent / name
+            records = [r for r in read_jsonl(source) if r["step"] <= checkpoint_step(ckpt)] if source.exists() else []
+            write_jsonl(out / name, records)
+    print(json.dumps(config, indent=2))
+    write_text(out / "stapo_config.json", json.dumps(config, indent=2))
+    return out
+
+
+def checkpoints(run: Path) -> list[Path]:
+    return [p for p in run.glob("step-*") if (p / "trainer_state.pt").exists()]
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    match = re.fullmatch(r"step-(\d+)", Path(ckpt).name)
+    return int(match[1]) if match else -1
+
+
+def restore_trainer_state(cfg: Config, optimizer, scheduler) -> int:
+    """Optimizer, schedule and RNG of the checkpoint; then the flags of this run on top (--lr, --weight-decay,
+    --warmup-steps). Returns the step to continue from."""
+    path = Path(cfg.resume) / "trainer_state.pt"
+    try:
+        state = torch.load(path, weights_only=True)  # tensors and numbers only: nothing is executed
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except Exception as e:  # a damaged file: torch's own message would suggest weights_only=False, never do that
+        sys.exit(f"{path}: not a readable trainer state ({type(e).__name__}); resume from an earlier checkpoint")
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch),
+                     weight_decay=cfg.weight_decay)  # fmt: skip
+    print(f"resumed from {cfg.resume} at step {state['step']}")
+    return state["step"]
+
+
 def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: int) -> Path:
-    """Write out/step-N atomically: a temporary folder, then one rename."""
+    """Write out/step-N atomically: a temporary folder, then one rename. A failed write (a full disk)
+    removes the temporary folder and stops with one line naming the last good checkpoint."""
     out = Path(cfg.output_dir)
     final, tmp = out / f"step-{step:06d}", out / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # safetensors
-    tokenizer.save_pretrained(tmp)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
-    torch.save(state, tmp / "trainer_state.pt")
-    (tmp / "stapo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        model.save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / "trainer_state.pt")
+        write_text(tmp / "stapo_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = "the disk is full" if "No space left" in str(e) or getattr(e, "errno", None) == 28 else "the write failed"
+        last = max(checkpoints(out), key=checkpoint_step, default=None)
+        sys.exit(f"could not save {final}: {why} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                 f"the last good checkpoint is {last or 'none yet'}")  # fmt: skip
     return final
 
 
@@ -1066,17 +1288,57 @@ def log_line(m: dict) -> str:
     )
 
 
-def keep_steps_up_to(path: Path, step: int):
-    """Remove the records of steps after `step` (written after the checkpoint we resume from)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
-        path.write_text("".join(lines))
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a log file. A torn last line (a kill or a full disk during an append) is dropped
+    with a warning; a damaged line elsewhere stops with its number."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        sys.exit(f"{path}: not UTF-8 text: not a log file of this project")
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError:
+            if number < len(lines):
+                sys.exit(f"{path}: line {number} is not JSON: the file is damaged")
+            print(f"warning: {path}: its last line was cut short by an interrupted write; ignored", file=sys.stderr)
+    return records
+
+
+def set_aside_records_after(path: Path, step: int):
+    """Keep the records up to `step` in path; move later ones (and a torn last line) out of the way."""
+    if not path.exists():
+        return
+    records = read_jsonl(path)
+    kept = [r for r in records if r["step"] <= step]
+    torn = not path.read_bytes().endswith(b"\n") and path.stat().st_size > 0  # every append ends with a newline
+    if len(kept) == len(records) and not torn:
+        return
+    append_jsonl(path.with_name(f"{path.stem}.after-step-{step:06d}.jsonl"), records[len(kept) :])
+    write_jsonl(path, kept)
+
+
+def write_jsonl(path: Path, records: list[dict]):
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_text(path: Path, text: str):
+    """Replace a file whole or not at all: a temporary file beside it, flushed to disk, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def append_jsonl(path: Path, records: list[dict]):
-    with path.open("a") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    """Log files only ever grow during a run."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def inspect_token(s: dict, rollouts: Rollouts, tokenizer, step: int, context: int = 8) -> dict:
