@@ -18,11 +18,14 @@ differs from plain DAPO carries a "# STAPO:" comment.
 
 Reading order: 1. Config, 2. the paper's math on plain tensors, 3. one training step, 4. the loop
 and main; then an appendix of support code (verifier, data and prompt, models, checkpoints and logs).
-Left out on purpose: vLLM (HF `generate` is slower but readable), sequence packing, the KL term
-(the paper uses none).
+Several GPUs: torchrun --nproc_per_node N stapo.py ... shards the model with FSDP2 (appendix F);
+every statistic the paper takes over a mini-batch is then taken over all ranks (all_cat, all_sum,
+identities in one process). Left out on purpose: vLLM (HF `generate` is slower but readable),
+sequence packing, the KL term (the paper uses none).
 
 Run:   python stapo.py --model Qwen/Qwen3-1.7B-Base          (one GPU)
        python stapo.py --model tiny --dataset toy --steps 3  (CPU smoke run, no downloads)
+       torchrun --nproc_per_node 8 stapo.py --model Qwen/Qwen3-8B-Base   (8 GPUs, one node)
 Test:  pytest -q
 """
 
@@ -38,12 +41,13 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -106,6 +110,7 @@ class Config:
     )
     gpu_memory_gb: float = knob(0.0, "memory to plan for; 0: the device's (80 for --dry-run without a GPU)")
     dry_run: bool = knob(False, "print the memory plan from the model's config alone and exit")
+    gpus: int = knob(1, "GPUs to plan for with --dry-run (a torchrun run plans for its processes)")
     # logging and checkpoints
     save_every: int = knob(50, "checkpoint every N steps (and at the end)")
     log_samples: int = knob(4, "completions written to samples.jsonl per step")
@@ -181,7 +186,7 @@ def s2t_select(logp, entropy, advantages, completion_mask, tau_p: float = 0.002,
     mini-batch, without gradient.
     """
     candidates = (advantages[:, None] > 0) & completion_mask & (logp.exp() < tau_p)  # (B, T)
-    pool = entropy[candidates].float()  # (|C|,): over the candidates only, never over all tokens
+    pool = all_cat(entropy[candidates].float())  # (|C|,) STAPO: the candidates only, of the whole mini-batch
     if pool.numel() < 2:  # an empty or single-element C masks nothing (and quantile needs two)
         return S2T(torch.zeros_like(candidates), pool.numel(), None)
     tau_h = torch.quantile(pool, q).item()  # linear interpolation
@@ -195,7 +200,7 @@ def s2t_mask(logp, entropy, advantages, completion_mask, tau_p: float = 0.002, q
 
 def high_entropy_keep(entropy, completion_mask, top: float = 0.2) -> torch.Tensor:
     """20-Entropy baseline: keep the tokens whose H is in the top `top` share of the mini-batch."""
-    values = entropy[completion_mask].float()  # (N,)
+    values = all_cat(entropy[completion_mask].float())  # (N,) of the whole mini-batch
     k = max(1, math.ceil(top * values.numel()))
     threshold = values.topk(k).values.min()  # topk, not quantile: no 16M-element limit
     return completion_mask & (entropy >= threshold)  # (B, T)
@@ -246,7 +251,7 @@ def policy_loss(logp, old_logp, advantages, keep, num_kept, eps_low: float = 0.2
 def loss_denominator(keep, loss_agg: str = "token") -> int:
     """num_kept of policy_loss for a whole mini-batch's keep (B, T).
     STAPO: silenced tokens leave the denominator too, so the loss is renormalised over the rest."""
-    return int(keep.sum() if loss_agg == "token" else keep.any(1).sum())
+    return int(all_sum([float(keep.sum() if loss_agg == "token" else keep.any(1).sum())])[0])
 
 
 # ==============================================================================================
@@ -259,7 +264,7 @@ def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg
     G = cfg.group_size
     # 1. rollouts: every problem G times
     t0 = time.time()
-    examples = prompts_for_step(problems, step, cfg.prompts_per_step, cfg.seed)
+    examples = my_share(prompts_for_step(problems, step, cfg.prompts_per_step, cfg.seed), cfg.mini_batches)
     prompts = [e["prompt_ids"] for e in examples for _ in range(G)]  # B prompts
     rollouts = generate(model, tokenizer, prompts, cfg, f"step {step + 1} rollouts", kv_cache_bytes)
     texts = [
@@ -279,16 +284,19 @@ def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg
     stats, silenced = ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg)
     train_s = time.time() - t0
 
-    n_tokens = int(rollouts.completion_mask.sum())
+    # Metrics of the whole batch: sums over every rank (in one process, the sums of this one).
+    n, reward, tokens, H, truncated, zero_std, spurious, clipped, kept, loss = all_sum([
+        len(prompts), rewards.sum(), rollouts.completion_mask.sum(), entropy[rollouts.completion_mask].sum(),
+        rollouts.truncated.sum(), (rewards.view(-1, G).std(1) == 0).sum(), stats["n_spurious"], stats["clipped"],
+        stats["n_kept_tokens"], stats["loss"],
+    ])  # fmt: skip
     metrics = {
-        "step": step + 1, "steps": cfg.steps, "reward": rewards.mean().item(),
-        "frac_zero_std": (rewards.view(-1, G).std(1) == 0).float().mean().item(),
-        "len_mean": n_tokens / len(prompts), "truncated_frac": rollouts.truncated.float().mean().item(),
-        "entropy": entropy[rollouts.completion_mask].mean().item(),
-        "n_candidates": stats["n_candidates"], "n_spurious": stats["n_spurious"],
-        "spurious_frac": stats["n_spurious"] / max(1, n_tokens),
+        "step": step + 1, "steps": cfg.steps, "samples": int(n), "reward": reward / n,
+        "frac_zero_std": zero_std * G / n, "len_mean": tokens / n, "truncated_frac": truncated / n,
+        "entropy": H / max(1, tokens), "n_candidates": stats["n_candidates"], "n_spurious": int(spurious),
+        "spurious_frac": spurious / max(1, tokens),
         "tau_h": sum(stats["tau_h"]) / len(stats["tau_h"]) if stats["tau_h"] else None,
-        "clip_frac": stats["clipped"] / max(1, stats["n_kept_tokens"]), "loss": stats["loss"],
+        "clip_frac": clipped / max(1, kept), "loss": loss,
         "grad_norm": sum(stats["grad_norm"]) / len(stats["grad_norm"]),
         "lr": optimizer.param_groups[0]["lr"], "gen_s": gen_s, "logp_s": logp_s, "train_s": train_s,
     }  # fmt: skip
@@ -298,7 +306,7 @@ def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg
              "reward": rewards[i].item(), "completion": texts[i]}
             for i in range(min(cfg.log_samples, len(texts)))
         ],
-        "spurious": [inspect_token(s, rollouts, tokenizer, step + 1) for s in silenced],
+        "spurious": all_records([inspect_token(s, rollouts, tokenizer, step + 1) for s in silenced]),
     }  # fmt: skip
     return metrics, records
 
@@ -385,10 +393,10 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
     with tqdm(total=len(prompts), desc=desc, leave=False, disable=None) as bar:
         for start in range(0, len(prompts), chunk):
             prompt_ids, prompt_mask = left_pad(prompts[start : start + chunk], tokenizer.pad_token_id)
-            with autocast(cfg, device):
-                out = model.generate(
-                    input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), generation_config=gen_config
-                )  # (b, L + new tokens)
+            with autocast(cfg, device), unsharded(model):  # FSDP2: whole weights, no collective per token
+                out = model.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                                     generation_config=gen_config, synced_gpus=False)  # fmt: skip
+            # out: (b, L + new tokens)
             completions += list(out[:, prompt_ids.shape[1] :].cpu())
             bar.update(len(prompt_ids))
     model.train(was_training)
@@ -422,7 +430,8 @@ def sequence_logp(model, rollouts: Rollouts, rows: list[int], cfg: Config, with_
     attention_mask = torch.cat([prompt_mask, rollouts.completion_mask[rows, :T].long()], 1).to(device)  # (b, L)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (b, L)
     with autocast(cfg, device):
-        hidden = model.base_model(
+        body = getattr(model, "sharded_body", model.base_model)  # under FSDP2, the body with the root's gather
+        hidden = body(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (b, L, D)
         hidden = hidden[:, prompt_ids.shape[1] - 1 : -1]  # (b, T, D): the state that predicts each completion token
@@ -467,20 +476,23 @@ def build_optimizer(model, cfg: Config):
 
 
 def train(cfg: Config):
-    device = resolve_device(cfg)
-    plan = plan_or_stop(load_model_config(cfg.resume or cfg.model), cfg, device)
+    device = start_distributed(cfg)  # under torchrun; otherwise just the device
+    rank, world = rank_and_world()
+    plan = plan_or_stop(load_model_config(cfg.resume or cfg.model), cfg, device, world)
     same_run = check_run_folder(cfg)  # before anything slow, and before anything is written
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # every rank samples its own answers
+    random.seed(cfg.seed + rank)
     tokenizer = load_tokenizer(cfg.resume or cfg.model)
     problems = load_problems(cfg, tokenizer)
     model = load_model(cfg.resume or cfg.model, device, tokenizer, cfg.seed)
-    out = open_run_folder(cfg, same_run)
+    if world > 1:
+        shard_model(model, uses_bf16(cfg, device))
     if plan["gradient_checkpointing"]:
         model.activation_checkpointing_enable()
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
-    start = restore_trainer_state(cfg, optimizer, scheduler) if cfg.resume else 0
+    start = restore_trainer_state(cfg, model, optimizer, scheduler) if cfg.resume else 0
+    out = open_run_folder(cfg, same_run) if rank == 0 else Path(cfg.output_dir)
 
     # Ctrl-C (or SIGTERM) once: finish this step, save, exit. Twice: stop at once.
     stop = []
@@ -496,13 +508,15 @@ def train(cfg: Config):
         for step in range(start, cfg.steps):
             metrics, records = train_step(model, tokenizer, optimizer, problems, step, cfg, plan["kv_cache"])
             scheduler.step()
-            tqdm.write(log_line(metrics))
-            append_jsonl(out / "metrics.jsonl", [metrics])
-            append_jsonl(out / "samples.jsonl", records["samples"])
-            append_jsonl(out / "spurious.jsonl", records["spurious"])
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop:
+            if rank == 0:  # one writer of the log files
+                tqdm.write(log_line(metrics))
+                append_jsonl(out / "metrics.jsonl", [metrics])
+                append_jsonl(out / "samples.jsonl", records["samples"])
+                append_jsonl(out / "spurious.jsonl", records["spurious"])
+            stopping = all_sum([len(stop)])[0] > 0  # every rank stops after the same step
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stopping:
                 print(f"saved {save_checkpoint(model, tokenizer, optimizer, scheduler, cfg, step + 1)}")
-            if stop:
+            if stopping:
                 break
     finally:
         for s, handler in previous.items():
@@ -510,13 +524,13 @@ def train(cfg: Config):
     return model
 
 
-def plan_or_stop(model_config, cfg: Config, device: torch.device) -> dict:
+def plan_or_stop(model_config, cfg: Config, device: torch.device, world_size: int = 1) -> dict:
     """The memory plan in one line; stop now, before generating, if its peak exceeds the device."""
     device_bytes = device_memory(cfg, device)
-    plan = plan_memory(model_config, cfg, 1, device_bytes, device.type)
+    plan = plan_memory(model_config, cfg, world_size, device_bytes, device.type)
     print(plan_summary(plan))
     if plan["peak"] > plan["budget"]:
-        fixes = fixes_that_fit(model_config, cfg, 1, device_bytes, device.type)
+        fixes = fixes_that_fit(model_config, cfg, world_size, device_bytes, device.type)
         sys.exit(f"the planned peak, {plan['peak'] / 1e9:.1f} GB, exceeds {plan['budget'] / 1e9:.1f} GB "
                  f"({HEADROOM:.0%} of {device_bytes / 1e9:.1f} GB on {device}); "
                  + (f"each of these fits: {'; '.join(fixes)}" if fixes else "no single flag fixes it")
@@ -543,6 +557,10 @@ def parse_args(argv=None) -> Config:
         if not (ckpt / "trainer_state.pt").exists() or not (ckpt / "stapo_config.json").exists():
             parser.error(f"--resume {ckpt}: not a checkpoint folder (no trainer_state.pt and stapo_config.json)")
         base = json.loads((ckpt / "stapo_config.json").read_text())
+        saved, world = base.get("world_size", 1), int(os.environ.get("WORLD_SIZE", 1))
+        if saved != world:
+            parser.error(f"--resume {ckpt}: written by {saved} process(es), resumed by {world}; an exact resume "
+                         f"needs the same number: torchrun --nproc_per_node {saved}")  # fmt: skip
         base = {k: v for k, v in base.items() if k in {f.name for f in dataclasses.fields(Config)}}
         if given.get("model", base["model"]) != base["model"]:
             parser.error(f"--model {given['model']}: {ckpt} holds weights trained from {base['model']}, and those "
@@ -554,7 +572,8 @@ def parse_args(argv=None) -> Config:
     defaults = {}
     if given.get("model", base.get("model")) == "tiny":  # CPU-sized unless set: seconds per step, not minutes
         defaults = TINY_DEFAULTS
-        print(f"--model tiny: {TINY_DEFAULTS} unless given on the command line")
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"--model tiny: {TINY_DEFAULTS} unless given on the command line")
     cfg = Config(**{**defaults, **base, **given})
     for problem in config_errors(cfg):
         parser.error(problem)
@@ -572,6 +591,7 @@ def config_errors(cfg: Config) -> list[str]:
         ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
         ("kv_cache_gb", cfg.kv_cache_gb >= 0, "at least 0 (0: sized by the memory plan)"),
         ("gpu_memory_gb", cfg.gpu_memory_gb >= 0, "at least 0 (0: the device's own)"),
+        ("gpus", cfg.gpus >= 1, "at least 1"),
         ("tau_p", 0 < cfg.tau_p < 1, "a probability in (0, 1); the paper uses 0.002"),
         ("q", 0 <= cfg.q <= 1, "a quantile in [0, 1]; the paper uses 0.75"),
         ("entropy_top", 0 < cfg.entropy_top <= 1, "a share in (0, 1]"),
@@ -593,10 +613,10 @@ def config_errors(cfg: Config) -> list[str]:
     errors = [
         f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {allowed}" for name, ok, allowed in rules if not ok
     ]
-    if cfg.mini_batches >= 1 and cfg.prompts_per_step % cfg.mini_batches:
-        errors.append(
-            f"--prompts-per-step {cfg.prompts_per_step} must be divisible by --mini-batches {cfg.mini_batches}"
-        )
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes: each holds whole groups of every mini-batch
+    if cfg.mini_batches >= 1 and cfg.prompts_per_step % (cfg.mini_batches * world):
+        errors.append(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by --mini-batches "
+                      f"{cfg.mini_batches}" + (f" x {world} processes" if world > 1 else ""))  # fmt: skip
     for f in dataclasses.fields(Config):  # choices also when a saved config is the source
         value, choices = getattr(cfg, f.name), f.metadata["choices"]
         if choices and value not in choices:
@@ -608,7 +628,11 @@ def main(argv=None):
     cfg = parse_args(argv)
     if cfg.dry_run:
         return dry_run(cfg)
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def dry_run(cfg: Config):
@@ -616,12 +640,11 @@ def dry_run(cfg: Config):
     device = torch.device("cuda") if torch.cuda.is_available() else None
     device_bytes = device_memory(cfg, device) if device else (cfg.gpu_memory_gb or 80) * 1e9
     model_config = load_model_config(cfg.model)
-    plan = plan_memory(model_config, cfg, 1, device_bytes)
+    plan = plan_memory(model_config, cfg, cfg.gpus, device_bytes)
     print(format_plan(plan, model_config, cfg))
     if plan["peak"] > plan["budget"]:
-        fixes = fixes_that_fit(model_config, cfg, 1, device_bytes, "cuda")
-        print("does not fit; " + (f"each of these fits: {'; '.join(fixes)}" if fixes else "no single flag fixes it: "
-              f"weights, gradients and AdamW states alone need {(plan['weights'] * 4) / 1e9:.0f} GB"))  # fmt: skip
+        fixes = fixes_that_fit(model_config, cfg, cfg.gpus, device_bytes, "cuda")
+        print("does not fit; " + (f"each of these fits: {'; '.join(fixes)}" if fixes else "no single change fixes it"))
 
 
 # ==============================================================================================
@@ -1230,20 +1253,24 @@ def checkpoint_step(ckpt: Path) -> int:
     return int(match[1]) if match else -1
 
 
-def restore_trainer_state(cfg: Config, optimizer, scheduler) -> int:
+def restore_trainer_state(cfg: Config, model, optimizer, scheduler) -> int:
     """Optimizer, schedule and RNG of the checkpoint; then the flags of this run on top (--lr, --weight-decay,
     --warmup-steps). Returns the step to continue from."""
     path = Path(cfg.resume) / "trainer_state.pt"
     try:
         state = torch.load(path, weights_only=True)  # tensors and numbers only: nothing is executed
-        optimizer.load_state_dict(state["optimizer"])
+        if dist.is_initialized():
+            load_sharded_optimizer(model, optimizer, path.parent)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except Exception as e:  # a damaged file: torch's own message would suggest weights_only=False, never do that
         sys.exit(f"{path}: not a readable trainer state ({type(e).__name__}); resume from an earlier checkpoint")
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    rng = state["rng"][rank_and_world()[0]] if isinstance(state["rng"], list) else state["rng"]  # one per rank
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
     for group in optimizer.param_groups:
         group.update(initial_lr=cfg.lr, lr=cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch),
@@ -1254,26 +1281,37 @@ def restore_trainer_state(cfg: Config, optimizer, scheduler) -> int:
 
 def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: int) -> Path:
     """Write out/step-N atomically: a temporary folder, then one rename. A failed write (a full disk)
-    removes the temporary folder and stops with one line naming the last good checkpoint."""
-    out = Path(cfg.output_dir)
+    removes the temporary folder and stops with one line naming the last good checkpoint. Under
+    torchrun every rank calls it; rank 0 writes, and the optimizer state is saved sharded."""
+    out, (rank, world) = Path(cfg.output_dir), rank_and_world()
     final, tmp = out / f"step-{step:06d}", out / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
     try:
-        model.save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-        torch.save(state, tmp / "trainer_state.pt")
-        write_text(tmp / "stapo_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-        os.replace(tmp, final)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        weights, rngs = sharded_state(model, optimizer, tmp), all_records([rng])
+        if rank == 0:
+            model.save_pretrained(tmp, state_dict=weights)  # safetensors; weights None: the model's own
+            tokenizer.save_pretrained(tmp)
+            state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rngs if world > 1 else rng}
+            if world == 1:
+                state["optimizer"] = optimizer.state_dict()
+            torch.save(state, tmp / "trainer_state.pt")
+            write_text(
+                tmp / "stapo_config.json", json.dumps({**dataclasses.asdict(cfg), "world_size": world}, indent=2)
+            )
+            os.replace(tmp, final)
     except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         why = "the disk is full" if "No space left" in str(e) or getattr(e, "errno", None) == 28 else "the write failed"
         last = max(checkpoints(out), key=checkpoint_step, default=None)
         sys.exit(f"could not save {final}: {why} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                  f"the last good checkpoint is {last or 'none yet'}")  # fmt: skip
+    barrier()
     return final
 
 
@@ -1359,12 +1397,15 @@ def inspect_token(s: dict, rollouts: Rollouts, tokenizer, step: int, context: in
 HEADROOM = 0.9  # plan to 90 % of the device: the CUDA allocator rounds and fragments
 
 
+def layer_parameters(c) -> int:
+    D, M, H, K, d = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, head_dim(c)
+    return D * H * d + 2 * D * K * d + H * d * D + 3 * D * M + 2 * D + 2 * d  # attention, MLP, norms
+
+
 def parameter_count(c) -> int:
     """Parameters of a Qwen3/Llama-style decoder from its config."""
-    D, M, H, K, d = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, head_dim(c)
-    layer = D * H * d + 2 * D * K * d + H * d * D + 3 * D * M + 2 * D + 2 * d  # attention, MLP, norms
-    embeddings = c.vocab_size * D * (1 if getattr(c, "tie_word_embeddings", False) else 2)
-    return c.num_hidden_layers * layer + embeddings + D
+    embeddings = c.vocab_size * c.hidden_size * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    return c.num_hidden_layers * layer_parameters(c) + embeddings + c.hidden_size
 
 
 def head_dim(c) -> int:
@@ -1390,9 +1431,9 @@ def activation_bytes_per_token(c) -> int:
 
 
 PHASES = {  # the parts alive at the peak of each phase of a step
-    "generation": ("weights", "adamw", "autocast_weights", "kv_cache", "sampling"),
-    "scoring": ("weights", "adamw", "autocast_weights", "forward_working", "lm_head_chunk"),
-    "update": ("weights", "gradients", "adamw", "autocast_weights", "activations", "lm_head_chunk"),
+    "generation": ("weights", "adamw", "autocast_weights", "gathered_model", "kv_cache", "sampling"),
+    "scoring": ("weights", "adamw", "autocast_weights", "gathered_layers", "forward_working", "lm_head_chunk"),
+    "update": ("weights", "gradients", "adamw", "autocast_weights", "gathered_layers", "activations", "lm_head_chunk"),
     "optimizer step": ("weights", "gradients", "adamw", "optimizer_temporaries"),
 }
 
@@ -1418,7 +1459,11 @@ def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: fl
         "parameters": n, "world_size": W, "device_bytes": device_bytes, "budget": HEADROOM * device_bytes,
         "micro_batch_tokens_planned": tokens, "activations_per_token_per_layer": per_layer,
         "weights": 4 * n / W, "gradients": 4 * n / W, "adamw": 8 * n / W, "optimizer_temporaries": 4 * n / W,
-        "autocast_weights": 2 * n if bf16 else 0,  # bf16 copies of every layer, kept for backward
+        "autocast_weights": 2 * n if bf16 and W == 1 else 0,  # bf16 copies of every layer, kept for backward
+        # FSDP2 gathers weights in bf16 (fp32 without autocast): the whole model for the rollouts, and
+        # otherwise the root group (embeddings, head) and about two layers at a time
+        "gathered_model": (2 if bf16 else 4) * n if W > 1 else 0,
+        "gathered_layers": (2 if bf16 else 4) * (n - L * layer_parameters(c) + 2 * layer_parameters(c)) if W > 1 else 0,
         "activations_full": tokens * (L * padded + 12 * D),  # + final norm and the LM head's input
         # checkpointing keeps each layer's fp32 input, and recomputes one layer in backward (1.12x, measured)
         "activations_checkpointed": tokens * (L * 4 * D + 1.12 * padded + 12 * D),
@@ -1436,7 +1481,7 @@ def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: fl
     # probabilities and top-p sort, and the prefill's transients. Gradients are freed by then.
     kv_per_seq = seq * 2 * L * c.num_key_value_heads * head_dim(c) * (2 if bf16 else 4)  # K and V
     sampling_per_seq = 20 * V + cfg.max_prompt_tokens * (6 * M + 14 * D)
-    resident = sum(plan[k] for k in PHASES["generation"][:3])
+    resident = sum(plan[k] for k in PHASES["generation"][:4])
     rollouts = cfg.prompts_per_step * cfg.group_size // W
     if cfg.kv_cache_gb > 0:  # given: it wins
         per_call = max(1, int(cfg.kv_cache_gb * 1e9 // kv_per_seq))
@@ -1455,6 +1500,7 @@ def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: fl
 PART_LABELS = {
     "weights": "fp32 weights", "gradients": "fp32 gradients", "adamw": "AdamW states (2 x fp32)",
     "optimizer_temporaries": "AdamW step temporaries", "autocast_weights": "bf16 weight copies (autocast)",
+    "gathered_model": "whole weights for rollouts (FSDP)", "gathered_layers": "gathered root + layers (FSDP)",
     "kv_cache": "KV cache of one generate call", "sampling": "sampler logits + prefill",
     "forward_working": "forward without grad", "activations": "activations of a micro-batch",
     "lm_head_chunk": "LM-head chunk (--logit-chunk)",
@@ -1515,7 +1561,153 @@ def fixes_that_fit(model_config, cfg: Config, world_size: int, device_bytes: flo
     ]
     found += [fits(kv_cache_gb=0.0) if cfg.kv_cache_gb > 0 else None]
     found += [next(filter(None, (fits(max_new_tokens=cfg.max_new_tokens // 2**k) for k in (1, 2, 3))), None)]
+    for gpus in (2, 4, 8, 16, 32, 64):  # sharding over more GPUs (torchrun --nproc_per_node, --nnodes)
+        plan = plan_memory(model_config, cfg, gpus, device_bytes, device_type)
+        if gpus > world_size and plan["peak"] <= plan["budget"]:
+            found.append(f"torchrun on {gpus} GPUs (peak {plan['peak'] / 1e9:.1f} GB each)")
+            break
     return [f for f in found if f]
+
+
+# ----------------------------------------------------------------------------------------------
+# F. Several GPUs: torchrun + FSDP2. Each rank holds whole groups of every mini-batch. What the paper
+# takes over a mini-batch (the candidates' entropies behind tau_h, the kept-token count, the
+# 20-Entropy threshold, GRPO's answer count) and what is logged is taken over every rank, and the
+# gradients are summed, so the update does not depend on the number of processes. In one process
+# every function here is the identity.
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def comm_device() -> torch.device:
+    """NCCL moves CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(values: list) -> list[float]:
+    """Sums over every rank of a list of numbers, in float64."""
+    values = [float(v) for v in values]
+    if not dist.is_initialized():
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def all_cat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor of every rank, concatenated in rank order; sizes may differ from rank to rank."""
+    if not dist.is_initialized():
+        return t
+    world, device = dist.get_world_size(), comm_device()
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([t.numel()], device=device))
+    longest = int(max(sizes))
+    parts = [torch.empty(longest, dtype=t.dtype, device=device) for _ in range(world)]
+    dist.all_gather(parts, F.pad(t.to(device), (0, longest - t.numel())))  # all_gather wants equal sizes
+    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)]).to(t.device)
+
+
+def all_records(records: list) -> list:
+    """Python records of every rank, in rank order."""
+    if not dist.is_initialized():
+        return records
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, records)
+    return [r for part in gathered for r in part]
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def my_share(items: list, mini_batches: int) -> list:
+    """This rank's prompts of a step: its slice of every mini-batch, so that mini-batch k holds the
+    same prompts as in one process."""
+    rank, world = rank_and_world()
+    size = len(items) // mini_batches // world
+    return [x for k in range(mini_batches) for x in items[(k * world + rank) * size : (k * world + rank + 1) * size]]
+
+
+def start_distributed(cfg: Config) -> torch.device:
+    """Under torchrun: the process group (NCCL on CUDA, gloo with --device cpu) and this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return resolve_device(cfg)
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
+    return device
+
+
+def shard_model(model, bf16: bool):
+    """FSDP2: every decoder layer is a group, the root (embeddings, final norm, tied LM head) the last.
+    Gradients are summed over ranks, not averaged: each rank's loss already divides by the global count.
+    With bf16, FSDP gathers bf16 copies of the weights; the sharded master weights stay fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=precision or MixedPrecisionPolicy())
+    fully_shard(model, mp_policy=precision or MixedPrecisionPolicy())
+    for group in (m for m in model.modules() if isinstance(m, FSDPModule)):
+        group.set_gradient_divide_factor(1.0)
+        group.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
+    model.sharded_body = lambda **kwargs: model.base_model(**kwargs)  # sequence_logp calls the body alone,
+    register_fsdp_forward_method(model, "sharded_body")  # which must still gather the root's weights
+    return model
+
+
+@contextmanager
+def unsharded(model):
+    """Whole weights on every rank for the rollouts: generate then runs no collective per token, so a
+    rank whose answers end early never waits inside a forward for the others. (The alternative,
+    generate(synced_gpus=True), gathers every layer for every token: 3x slower on CPU here.)"""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not groups:
+        yield
+        return
+    model.set_reshard_after_forward(False)
+    for group in groups:
+        group.unshard()
+    try:
+        yield
+    finally:
+        for group in groups:
+            group.reshard()
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root
+
+
+def sharded_state(model, optimizer, folder: Path) -> dict | None:
+    """Under FSDP2 (every rank calls it): the whole weights, on rank 0, for save_pretrained, and each
+    rank's optimizer shard written to folder/optimizer with torch.distributed.checkpoint."""
+    if not dist.is_initialized():
+        return None
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / "optimizer")
+    if getattr(model.config, "tie_word_embeddings", False):
+        weights.pop("lm_head.weight", None)  # the same tensor as the embeddings
+    return weights
+
+
+def load_sharded_optimizer(model, optimizer, folder: Path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=folder / "optimizer")
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 if __name__ == "__main__":

@@ -1225,6 +1225,133 @@ def test_offline_hub_gives_one_line_with_the_local_options(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Several processes: torchrun + FSDP2 on CPU with gloo
+
+DISTRIBUTED_CASES = [("s2t", "token", 2), ("high-entropy", "token", 1), ("none", "sequence", 1)]  # mask, agg, minis
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def one_process_update(model, rollouts, advantages, cfg):
+    """Weights after one ppo_update with SGD, and the silenced (row, position) pairs."""
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    old_logp, entropy = stapo.score(model, rollouts, list(range(len(rollouts.prompts))), cfg)
+    _, silenced = stapo.ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg)
+    return model.state_dict(), sorted((s["row"], s["t"]) for s in silenced)
+
+
+def two_rank_worker(rank: int, port: int, case_file: str, out_file: str):
+    """One of two gloo ranks: each case's update on this rank's share of the rollouts, then a generate
+    in which rank 0 stops after 4 tokens and rank 1 after 48."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    case = torch.load(case_file, weights_only=False)  # written by this test a moment ago
+    results = {}
+    for mask, loss_agg, mini_batches in DISTRIBUTED_CASES:
+        model, tok = stapo.load_policy("tiny", CPU)
+        model.load_state_dict(case["weights"])
+        stapo.shard_model(model, bf16=False)
+        cfg = dataclasses.replace(case["cfg"], mask=mask, loss_agg=loss_agg, mini_batches=mini_batches)
+        groups = stapo.my_share(list(range(cfg.prompts_per_step)), mini_batches)
+        rows = [g * cfg.group_size + j for g in groups for j in range(cfg.group_size)]
+        r = case["rollouts"]
+        mine = stapo.Rollouts(
+            [r.prompts[i] for i in rows], r.completions[rows], r.completion_mask[rows], r.truncated[rows]
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        old_logp, entropy = stapo.score(model, mine, list(range(len(rows))), cfg)
+        _, silenced = stapo.ppo_update(model, optimizer, mine, old_logp, entropy, case["advantages"][rows], cfg)
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        spurious = stapo.all_records([(rows[s["row"]], s["t"]) for s in silenced])
+        results[mask, loss_agg] = (weights, sorted(spurious))
+    uneven = dataclasses.replace(case["cfg"], max_new_tokens=4 if rank == 0 else 48)
+    generated = stapo.generate(model, tok, [stapo.encode_prompt("1+1?", tok)] * 4, uneven)
+    lengths = stapo.all_records([generated.completions.shape[1]])
+    if rank == 0:
+        torch.save({"results": results, "lengths": lengths}, out_file)
+    dist.destroy_process_group()
+
+
+def run_two_ranks(worker, args, timeout: float = 180):
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + timeout
+    while not context.join(timeout=1):
+        if time.time() > deadline:  # a hang fails the test instead of blocking CI
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"two ranks did not finish within {timeout} s")
+
+
+@pytest.mark.slow
+def test_the_update_does_not_depend_on_the_number_of_processes(tiny, tmp_path):
+    model, tok = tiny
+    cfg = tiny_cfg(max_new_tokens=16, tau_p=0.5, grad_clip=1.0)  # many candidates: the quantile matters
+    rollouts, advantages = rollout_batch(model, tok, cfg)
+    torch.save({"weights": model.state_dict(), "cfg": cfg, "rollouts": rollouts, "advantages": advantages},
+               tmp_path / "case.pt")  # fmt: skip
+    run_two_ranks(two_rank_worker, (free_port(), str(tmp_path / "case.pt"), str(tmp_path / "out.pt")))
+    out = torch.load(tmp_path / "out.pt", weights_only=False)
+    for mask, loss_agg, mini_batches in DISTRIBUTED_CASES:
+        cfg_case = dataclasses.replace(cfg, mask=mask, loss_agg=loss_agg, mini_batches=mini_batches)
+        weights, spurious = one_process_update(model, rollouts, advantages, cfg_case)
+        two_weights, two_spurious = out["results"][mask, loss_agg]
+        worst = max((weights[k] - two_weights[k]).abs().max().item() for k in two_weights)
+        moved = max((weights[k] - model.state_dict()[k]).abs().max().item() for k in two_weights)
+        print(
+            f"\n{mask}/{loss_agg}/{mini_batches} mini-batches: 1 vs 2 processes max |dw| {worst:.1e} (step {moved:.1e})"
+        )
+        assert worst < 1e-6 and moved > 1e-4
+        assert spurious == two_spurious and (mask != "s2t" or len(spurious) > 0)
+    assert out["lengths"] == [4, 48]  # the rank that stopped early did not hang the other
+
+
+def torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "stapo.py"]
+    return subprocess.run([*command, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_save_and_resume_exactly(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    flags = [*SMALL, "--prompts-per-step", "4", "--device", "cpu", "--tau-p", "0.5", "--lr", "1e-3"]
+    first = torchrun([*flags, "--steps", "2", "--save-every", "1", "--output-dir", str(tmp_path / "a")])
+    assert first.returncode == 0, first.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
+    assert [m["samples"] for m in metrics] == [8, 8]  # P x G of both ranks in every row
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "step-000002")  # one process, no torch.distributed
+    initial, _ = stapo.load_policy("tiny", CPU, seed=0)
+    assert any(not torch.equal(p, q) for p, q in zip(loaded.parameters(), initial.parameters(), strict=True))
+
+    resumed = torchrun(["--resume", str(tmp_path / "a" / "step-000001"), "--steps", "2", "--output-dir",
+                        str(tmp_path / "b")])  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("reward", "len_mean", "n_spurious", "loss", "grad_norm"):
+        assert again[key] == pytest.approx(metrics[1][key], rel=1e-5, abs=1e-7), key
+    branch = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "step-000002")
+    for p, q in zip(loaded.parameters(), branch.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+
+    with pytest.raises(SystemExit):  # another number of processes: a clear stop
+        stapo.parse_args(["--resume", str(tmp_path / "a" / "step-000002"), "--steps", "3"])
+
+
+# ----------------------------------------------------------------------------------------------
 # Learning: STAPO updates raise the reward of a tiny model on a toy task
 
 
