@@ -376,7 +376,7 @@ class Rollouts:
 def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: str = "rollouts",
              kv_cache_bytes: float | None = None) -> Rollouts:  # fmt: skip
     """One sampled completion per prompt, in as few generate calls as the KV-cache budget allows
-    (kv_cache_bytes, from the memory plan; default --kv-cache-gb)."""
+    (kv_cache_bytes; default --kv-cache-gb, else what the memory plan leaves free)."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -385,20 +385,22 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
         do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    kv_cache_bytes = kv_cache_bytes or cfg.kv_cache_gb * 1e9
+    if not kv_cache_bytes:  # --kv-cache-gb, or what the memory plan leaves free on this device
+        kv_cache_bytes = cfg.kv_cache_gb * 1e9 or plan_memory(
+            model.config, cfg, rank_and_world()[1], device_memory(cfg, device), device.type)["kv_cache"]  # fmt: skip
     chunk = sequences_per_generate(model, max(len(p) for p in prompts), cfg, kv_cache_bytes)
     was_training = model.training
     model.eval()
     completions = []
-    with tqdm(total=len(prompts), desc=desc, leave=False, disable=None) as bar:
+    calls = math.ceil(len(prompts) / chunk)
+    with DecodeProgress(f"{desc} ({len(prompts)} sequences, {calls} calls)", calls, cfg.max_new_tokens) as progress:
         for start in range(0, len(prompts), chunk):
             prompt_ids, prompt_mask = left_pad(prompts[start : start + chunk], tokenizer.pad_token_id)
             with autocast(cfg, device), unsharded(model):  # FSDP2: whole weights, no collective per token
                 out = model.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                                     generation_config=gen_config, synced_gpus=False)  # fmt: skip
+                                     generation_config=gen_config, synced_gpus=False, streamer=progress)  # fmt: skip
             # out: (b, L + new tokens)
             completions += list(out[:, prompt_ids.shape[1] :].cpu())
-            bar.update(len(prompt_ids))
     model.train(was_training)
 
     # Cut each completion after its first EOS, which stays in (it is the answer's last action).
@@ -1313,6 +1315,34 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: i
                  f"the last good checkpoint is {last or 'none yet'}")  # fmt: skip
     barrier()
     return final
+
+
+class DecodeProgress:
+    """Progress of the rollouts, as a generate() streamer that counts decoding steps: a tqdm bar in a
+    terminal, and a line every `every` seconds when output goes to a file (a cluster job's log)."""
+
+    def __init__(self, desc: str, calls: int, max_new_tokens: int, every: float = 30.0):
+        self.desc, self.total, self.per_call, self.every = desc, calls * max_new_tokens, max_new_tokens, every
+        self.bar = tqdm(total=self.total, desc=desc, unit="tok", leave=False, disable=None)
+        self.steps, self.calls_done, self.start, self.last_line = 0, 0, time.time(), time.time()
+
+    def put(self, ids):  # generate() calls it with the prompt, then once per decoding step
+        self.steps += 1
+        self.bar.update(1)
+        if self.bar.disable and time.time() - self.last_line >= self.every and int(os.environ.get("RANK", 0)) == 0:
+            self.last_line = time.time()
+            print(f"{self.desc}: {self.steps}/{self.total} decoding steps, {time.time() - self.start:.0f}s", flush=True)
+
+    def end(self):  # a call ends, early when every answer has stopped: count it whole
+        self.calls_done += 1
+        self.bar.update(self.calls_done * self.per_call - self.steps)
+        self.steps = self.calls_done * self.per_call
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
 
 def log_line(m: dict) -> str:

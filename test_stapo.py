@@ -257,6 +257,14 @@ def test_rollouts_cut_at_first_eos_and_keep_it(tiny):
     assert eos.tolist() == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")})
 
 
+def test_rollout_progress_shows_when_output_is_not_a_terminal(tiny, capsys, monkeypatch):
+    model, tok = tiny
+    monkeypatch.setattr(stapo.DecodeProgress.__init__, "__defaults__", (0.0,))  # a line per step, not per 30 s
+    stapo.generate(model, tok, [stapo.encode_prompt("1+1?", tok)] * 3, tiny_cfg(max_new_tokens=6), desc="step 1")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "decoding steps" in line]
+    assert lines and lines[0].startswith("step 1 (3 sequences, 1 calls): ") and "/6 decoding steps" in lines[-1]
+
+
 def test_generation_is_chunked_to_the_kv_cache_budget(tiny):
     model, tok = tiny
     # tiny in fp32: 2 layers x 2 KV heads x 16 dims x K,V x 4 bytes = 512 bytes per token
