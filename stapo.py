@@ -1547,7 +1547,7 @@ def format_plan(plan: dict, model_config, cfg: Config) -> str:
         f"planned to {HEADROOM:.0%} = {plan['budget'] / gb:.1f} GB",
         head, "-" * len(head),
     ]  # fmt: skip
-    for key, label in PART_LABELS.items():
+    for key, label in ((k, v) for k, v in PART_LABELS.items() if plan[k]):  # parts this setting has
         cells = [f"{plan[key] / gb:16.1f}" if key in parts else f"{'-':>16}" for parts in PHASES.values()]
         lines.append(f"{label:<34}" + "".join(cells))
     lines.append(f"{'peak':<34}" + "".join(f"{plan['peak_' + p.replace(' ', '_')] / gb:16.1f}" for p in PHASES))
