@@ -1002,12 +1002,14 @@ def test_one_step_end_to_end_then_resume_equals_uninterrupted(tmp_path):
         assert torch.allclose(p, q, atol=1e-6)
 
 
+@pytest.mark.slow  # a subprocess: imports torch and transformers again
 def test_cli_smoke_run_from_the_readme(tmp_path):
     result = run_cli(["--model", "tiny", "--dataset", "toy", "--steps", "3", "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("| reward") == 3 and (tmp_path / "step-000003" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # a subprocess: imports torch and transformers again
 def test_ctrl_c_finishes_the_step_and_saves(tmp_path):
     args = ["--model", "tiny", "--dataset", "toy", "--steps", "1000", "--prompts-per-step", "2", "--group-size", "2",
             "--max-new-tokens", "8", "--output-dir", str(tmp_path)]  # fmt: skip
@@ -1084,8 +1086,10 @@ def test_help_lists_the_allowed_values_of_every_choice_flag(capsys):
 
 
 def test_unknown_dataset_file_fails_clearly(tmp_path):
-    result = run_cli(["--model", "tiny", "--dataset", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path)])
-    assert result.returncode != 0 and "no such file" in result.stderr
+    with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
+        stapo.main(
+            ["--model", "tiny", "--dataset", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "o")]
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1219,6 +1223,7 @@ def test_a_full_disk_while_saving_names_the_last_good_checkpoint(run4, tmp_path,
     assert not list(run4.glob(".tmp-*")) and not (run4 / "step-000006").exists()
 
 
+@pytest.mark.slow  # a subprocess: imports torch and transformers again
 def test_offline_hub_gives_one_line_with_the_local_options(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for flags in (["--model", "Qwen/Qwen3-1.7B-Base"], ["--model", "tiny", "--dataset", "nobody/nothing"]):
