@@ -32,6 +32,7 @@ Test:  pytest -q
 import argparse
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +115,9 @@ class Config:
     gpus: int = knob(1, "GPUs to plan for with --dry-run (a torchrun run plans for its processes)")
     # logging and checkpoints
     save_every: int = knob(50, "checkpoint every N steps (and at the end)")
+    report_to: str = knob(
+        "none", "also send metrics.jsonl's keys to a tracker", ("none", "wandb", "trackio", "tensorboard")
+    )
     log_samples: int = knob(4, "completions written to samples.jsonl per step")
 
 
@@ -495,6 +500,7 @@ def train(cfg: Config):
     optimizer, scheduler = build_optimizer(model, cfg)
     start = restore_trainer_state(cfg, model, optimizer, scheduler) if cfg.resume else 0
     out = open_run_folder(cfg, same_run) if rank == 0 else Path(cfg.output_dir)
+    tracker = open_tracker(cfg if rank == 0 else dataclasses.replace(cfg, report_to="none"), dataclasses.asdict(cfg))
 
     # Ctrl-C (or SIGTERM) once: finish this step, save, exit. Twice: stop at once.
     stop = []
@@ -515,12 +521,14 @@ def train(cfg: Config):
                 append_jsonl(out / "metrics.jsonl", [metrics])
                 append_jsonl(out / "samples.jsonl", records["samples"])
                 append_jsonl(out / "spurious.jsonl", records["spurious"])
+                tracker.log(metrics, metrics["step"])
             stopping = all_sum([len(stop)])[0] > 0  # every rank stops after the same step
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stopping:
                 print(f"saved {save_checkpoint(model, tokenizer, optimizer, scheduler, cfg, step + 1)}")
             if stopping:
                 break
     finally:
+        tracker.finish()
         for s, handler in previous.items():
             signal.signal(s, handler)
     return model
@@ -542,7 +550,10 @@ def plan_or_stop(model_config, cfg: Config, device: torch.device, world_size: in
 
 def parse_args(argv=None) -> Config:
     """CLI flags from the dataclass. With --resume, the run's saved config is the base."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    epilog = "python stapo.py --plot RUN_DIR [RUN_DIR ...] [--out FILE]: one PNG of the runs' curves"
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS, epilog=epilog
+    )
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         choices = f.metadata["choices"]
@@ -627,6 +638,13 @@ def config_errors(cfg: Config) -> list[str]:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--plot" in argv:  # python stapo.py --plot RUN_DIR [RUN_DIR ...] [--out FILE]
+        parser = argparse.ArgumentParser(description="curves of finished runs, one PNG (needs matplotlib)")
+        parser.add_argument("--plot", nargs="+", metavar="RUN_DIR", required=True)
+        parser.add_argument("--out", help="the PNG to write (default: stapo_curves.png)")
+        args = parser.parse_args(argv)
+        return print(f"wrote {plot_runs(args.plot, args.out)}")
     cfg = parse_args(argv)
     if cfg.dry_run:
         return dry_run(cfg)
@@ -1738,6 +1756,98 @@ def load_sharded_optimizer(model, optimizer, folder: Path):
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=folder / "optimizer")
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+# ----------------------------------------------------------------------------------------------
+# G. Curves and trackers: python stapo.py --plot RUN_DIR ..., and --report-to wandb|trackio|tensorboard.
+
+
+def method_name(config: dict) -> str:
+    """The paper's name for a run, from its stapo_config.json."""
+    if config["mask"] == "s2t":
+        return "STAPO"
+    if config["mask"] == "high-entropy":
+        return "20-Entropy"
+    return "GRPO" if config.get("loss_agg") == "sequence" else "JustRL"
+
+
+# One panel per metric: (key in metrics.jsonl, title, factor). One line per run, the same colour in every panel.
+PANELS = [
+    ("reward", "reward (mean over B)", 1), ("entropy", "entropy H (nats)", 1),
+    ("spurious_frac", "silenced tokens (%)", 100), ("tau_h", "tau_h (S2T entropy threshold)", 1),
+    ("len_mean", "response length (tokens)", 1), ("truncated_frac", "truncated responses (%)", 100),
+    ("clip_frac", "clipped tokens (%)", 100), ("grad_norm", "gradient norm (before clipping)", 1),
+]  # fmt: skip
+
+
+def plot_runs(run_dirs: list[str], out: str | None = None) -> Path:
+    """Curves of STAPO and its baselines side by side, like the paper's figures: one PNG, one line per run."""
+    runs = []
+    for run in map(Path, run_dirs):
+        if not (run / "metrics.jsonl").exists() or not (run / "stapo_config.json").exists():
+            raise SystemExit(f"{run}: no metrics.jsonl and stapo_config.json here; is it a stapo run folder?")
+        label = f"{method_name(json.loads((run / 'stapo_config.json').read_text()))} ({run.resolve().name})"
+        runs.append((label, read_jsonl(run / "metrics.jsonl")))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5), sharex=True)
+    for label, records in runs:
+        steps = [r["step"] for r in records]
+        for ax, (key, title, factor) in zip(axes.flat, PANELS, strict=True):
+            values = [r[key] * factor if r.get(key) is not None else float("nan") for r in records]  # None: a gap
+            ax.plot(steps, values, label=label, linewidth=1.2)
+            ax.set_title(title, fontsize=10)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))  # leave the top for the legend
+    path = Path(out or "stapo_curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def numbers(metrics: dict) -> dict:
+    """What a tracker plots: the numeric metrics (tau_h is None at steps without candidates); step goes apart."""
+    return {k: v for k, v in metrics.items() if k != "step" and isinstance(v, int | float)}
+
+
+class Tracker(NamedTuple):
+    log: Callable[[dict, int], None]  # (metrics, step)
+    finish: Callable[[], None]
+
+
+def open_tracker(cfg: Config, config_dict: dict) -> Tracker:
+    """--report-to: wandb and trackio share one API; tensorboard writes to output_dir/tensorboard; none: nothing."""
+    kind = cfg.report_to
+    if kind == "none":
+        return Tracker(lambda metrics, step: None, lambda: None)
+    try:  # imported only when chosen: every tracker is optional
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # raises ImportError without the tensorboard package
+        else:
+            lib = importlib.import_module(kind)
+    except ImportError:
+        raise SystemExit(f"--report-to {kind} needs the {kind} package: pip install {kind}") from None
+    out = Path(cfg.output_dir)
+    if kind == "tensorboard":
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        writer.add_text("config", json.dumps(config_dict, indent=2))
+
+        def log(metrics: dict, step: int):
+            for key, value in numbers(metrics).items():
+                writer.add_scalar(key, value, step)
+
+        return Tracker(log, writer.close)
+    where = {"dir": str(out)} if kind == "wandb" else {}  # trackio keeps its runs in its own local database
+    lib.init(project="stapo", name=out.resolve().name, config=config_dict, **where)
+    return Tracker(lambda metrics, step: lib.log(numbers(metrics), step=step), lib.finish)
 
 
 if __name__ == "__main__":

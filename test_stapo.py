@@ -8,9 +8,11 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -1362,6 +1364,161 @@ def test_torchrun_two_processes_train_save_and_resume_exactly(tmp_path):
 
     with pytest.raises(SystemExit):  # another number of processes: a clear stop
         stapo.parse_args(["--resume", str(tmp_path / "a" / "step-000002"), "--steps", "3"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Curves, trackers and log files
+
+
+def write_run(folder: Path, mask: str, loss_agg: str = "token", steps: int = 5, torn: bool = False) -> Path:
+    """A hand-written run folder: its config and `steps` metric records (tau_h None where S2T found nothing)."""
+    folder.mkdir(parents=True)
+    (folder / "stapo_config.json").write_text(json.dumps({"mask": mask, "loss_agg": loss_agg, "eps_high": 0.28}))
+    records = [
+        {"step": s, "steps": steps, "reward": 0.1 * s, "frac_zero_std": 0.5, "len_mean": 100.0 + s,
+         "truncated_frac": 0.01 * s, "entropy": 0.5, "n_candidates": 10 if mask == "s2t" else 0,
+         "n_spurious": 2 if mask == "s2t" else 0, "spurious_frac": 1e-4 if mask == "s2t" else 0.0,
+         "tau_h": 0.3 if mask == "s2t" and s > 1 else None, "clip_frac": 0.002, "loss": 0.01, "grad_norm": 0.8,
+         "lr": 1e-6, "gen_s": 1.0, "logp_s": 0.1, "train_s": 0.5}
+        for s in range(1, steps + 1)
+    ]  # fmt: skip
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    (folder / "metrics.jsonl").write_text(text + ('{"step": 6, "rew' if torn else ""))
+    return folder
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the PNG header: 8-byte signature, then the IHDR chunk."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.mark.parametrize(
+    "config, name",
+    [
+        ({"mask": "s2t", "loss_agg": "token"}, "STAPO"),
+        ({"mask": "high-entropy", "loss_agg": "token"}, "20-Entropy"),
+        ({"mask": "none", "loss_agg": "sequence", "eps_high": 0.2}, "GRPO"),
+        ({"mask": "none", "loss_agg": "token"}, "JustRL"),  # DAPO-style token mean, no mask
+    ],
+)
+def test_method_name(config, name):
+    assert stapo.method_name(config) == name
+
+
+def test_plot_runs_writes_one_png_for_stapo_and_a_baseline(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [write_run(tmp_path / "stapo", "s2t", torn=True), write_run(tmp_path / "justrl", "none")]
+    path = stapo.plot_runs([str(r) for r in runs], str(tmp_path / "curves.png"))
+    width, height = png_size(path)
+    assert path == tmp_path / "curves.png" and width >= 800 and height >= 400
+
+
+def test_plot_runs_defaults_to_the_current_folder(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    assert stapo.plot_runs([str(write_run(tmp_path / "run", "s2t"))]) == Path("stapo_curves.png")
+    assert png_size(tmp_path / "stapo_curves.png")[0] > 0
+
+
+def test_plot_runs_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with pytest.raises(SystemExit, match="--plot needs matplotlib: pip install matplotlib"):
+        stapo.plot_runs([str(write_run(tmp_path / "run", "s2t"))])
+
+
+def test_plot_runs_names_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(SystemExit, match="nowhere"):
+        stapo.plot_runs([str(tmp_path / "nowhere")])
+
+
+def test_read_jsonl_drops_a_torn_last_line_with_a_warning(tmp_path, capsys):
+    path = write_run(tmp_path / "run", "s2t", steps=3, torn=True) / "metrics.jsonl"
+    assert [r["step"] for r in stapo.read_jsonl(path)] == [1, 2, 3]
+    assert "metrics.jsonl: its last line was cut short" in capsys.readouterr().err
+
+
+def test_read_jsonl_stops_at_a_malformed_line_before_the_last(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
+    with pytest.raises(SystemExit, match=r"metrics.jsonl: line 2 is not JSON"):
+        stapo.read_jsonl(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trackers: fake packages in sys.modules record the calls
+
+METRICS = {"step": 3, "steps": 10, "reward": 0.5, "tau_h": None, "n_spurious": 2, "spurious_frac": 1e-4}
+LOGGED = {"steps": 10, "reward": 0.5, "n_spurious": 2, "spurious_frac": 1e-4}  # numbers only; step goes apart
+
+
+def fake_wandb_like(calls: list) -> types.ModuleType:
+    """A module with wandb's (and trackio's) init/log/finish that appends each call to `calls`."""
+    fake = types.ModuleType("fake")
+    fake.init = lambda **kwargs: calls.append(("init", kwargs))
+    fake.log = lambda metrics, step=None: calls.append(("log", metrics, step))
+    fake.finish = lambda: calls.append(("finish",))
+    return fake
+
+
+@pytest.mark.parametrize("kind", ["wandb", "trackio"])
+def test_wandb_and_trackio_get_the_config_and_each_step(kind, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, kind, fake_wandb_like(calls))
+    cfg = stapo.Config(report_to=kind, output_dir=str(tmp_path / "run-7"))
+    tracker = stapo.open_tracker(cfg, {"mask": "s2t", "lr": 1e-6})
+    tracker.log(METRICS, step=3)
+    tracker.finish()
+    init = {"project": "stapo", "name": "run-7", "config": {"mask": "s2t", "lr": 1e-6}}
+    if kind == "wandb":
+        init["dir"] = str(tmp_path / "run-7")  # wandb writes its files next to the run's; trackio has no dir
+    assert calls == [("init", init), ("log", LOGGED, 3), ("finish",)]
+
+
+def test_tensorboard_gets_one_scalar_per_number_and_the_config(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            calls.append(("writer", log_dir))
+
+        def add_text(self, tag, text):
+            calls.append(("text", tag, json.loads(text)))
+
+        def add_scalar(self, tag, value, step):
+            calls.append(("scalar", tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    cfg = stapo.Config(report_to="tensorboard", output_dir=str(tmp_path))
+    tracker = stapo.open_tracker(cfg, {"mask": "s2t"})
+    tracker.log(METRICS, step=3)
+    tracker.finish()
+    assert calls == [
+        ("writer", str(tmp_path / "tensorboard")),
+        ("text", "config", {"mask": "s2t"}),
+        *[("scalar", key, value, 3) for key, value in LOGGED.items()],
+        ("close",),
+    ]
+
+
+@pytest.mark.parametrize("kind, module", [("wandb", "wandb"), ("trackio", "trackio"), ("tensorboard", "tensorboard")])
+def test_a_missing_tracker_package_says_what_to_install(kind, module, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)  # re-import: it imports tensorboard
+    cfg = stapo.Config(report_to=kind, output_dir=str(tmp_path))
+    with pytest.raises(SystemExit, match=f"--report-to {kind} needs the {module} package: pip install {module}"):
+        stapo.open_tracker(cfg, {})
+
+
+def test_report_to_none_logs_nothing(tmp_path):
+    tracker = stapo.open_tracker(stapo.Config(report_to="none", output_dir=str(tmp_path)), {})
+    tracker.log(METRICS, step=3)
+    tracker.finish()
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------------------------
