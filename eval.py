@@ -57,21 +57,54 @@ SETTINGS_THAT_CHANGE_SAMPLES = (
     "batch_size",
     "samples",
 )
+RECORD_FIELDS = {"benchmark": str, "problem_idx": int, "sample_idx": int, "gold": str, "extracted": (str, type(None)),
+                 "correct": bool, "length": int, "truncated": bool, "completion": str}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
 
 
-def benchmark_example(name: str, row: dict) -> dict:
-    """A benchmark row -> {"problem", "answer"}, with each file's quirks undone."""
+def jsonl_objects(path: Path, torn_tail_ok: bool = False) -> tuple[list[tuple[int, dict]], int]:
+    """(line number, object) of every non-blank line, and the byte length of the lines kept.
+
+    Anything but one JSON object per UTF-8 line is a one-line SystemExit naming the file and line.
+    With torn_tail_ok, a last line without its newline that does not parse, which is what a crash
+    during an append leaves, is dropped with a warning.
+    """
+    data = path.read_bytes()
+    lines = data.split(b"\n")  # the last item is b"" when the file ends with a newline
+    objects = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            problem = f"not UTF-8 (byte {line[e.start]:#x} at column {e.start + 1})"
+        except json.JSONDecodeError as e:
+            problem = f"not JSON ({e.msg} at column {e.colno})"
+        else:
+            if isinstance(obj, dict):
+                objects.append((n, obj))
+                continue
+            problem = f"a JSON {type(obj).__name__}, not an object"
+        if torn_tail_ok and n == len(lines):
+            print(f"warning: {path}: line {n} is cut short (a crash while writing?); dropped", file=sys.stderr)
+            return objects, len(data) - len(line)
+        raise SystemExit(f"{path}: line {n}: {problem}")
+    return objects, len(data)
+
+
+def benchmark_example(name: str, row: dict) -> dict | None:
+    """A benchmark row -> {"problem", "answer"}, with each file's quirks undone; None without an answer."""
     example = stapo.row_to_example(row)  # problem/question; answer, final_answer[0], or Minerva's last \boxed{}
     if example is None:
-        raise ValueError(f"{name}: a row without a usable answer: {sorted(row)}")
+        return None
     if name == "aime25":  # "\frac" and "\triangle" lost their backslash to JSON escapes: \f, \t
         example["problem"] = example["problem"].replace("\x0c", "\\f").replace("\t", "\\t")
     example["answer"] = example["answer"].strip().strip("$").strip()  # OlympiadBench: $...$
-    return example
+    return example if example["answer"] else None
 
 
 def load_benchmark(name: str, data_dir: str | Path | None = None) -> list[dict]:
@@ -80,14 +113,20 @@ def load_benchmark(name: str, data_dir: str | Path | None = None) -> list[dict]:
     bench = BENCHMARKS[name]
     if data_dir is not None:
         path = Path(data_dir) / bench.file
-        if not path.exists():
+        if not path.is_file():
             raise SystemExit(f"{path} not found: --data-dir must hold {', '.join(b.file for b in BENCHMARKS.values())}")
-        rows = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+        where, rows = f"{path}: line", jsonl_objects(path)[0]
     else:
         import datasets
 
-        rows = list(datasets.load_dataset(bench.hub_id, split=bench.split))
-    return [benchmark_example(name, row) for row in rows]
+        where, rows = f"{bench.hub_id}: row", list(enumerate(datasets.load_dataset(bench.hub_id, split=bench.split)))
+    examples = []
+    for n, row in rows:
+        example = benchmark_example(name, row)
+        if example is None:
+            raise SystemExit(f"{where} {n}: no problem text or no usable answer (fields: {', '.join(sorted(row))})")
+        examples.append(example)
+    return examples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,22 +184,32 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def read_generations(path: Path) -> list[dict]:
-    """Records of a generations file; a line cut short by a crash is dropped."""
-    rows = []
-    for line in path.open(encoding="utf-8"):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+def read_generations(path: Path) -> tuple[list[dict], int]:
+    """The records of a generations file and the byte length of its whole lines; SystemExit if it is not one."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
+    objects, size = jsonl_objects(path, torn_tail_ok=True)
+    if not objects:
+        raise SystemExit(f"{path}: no records: not a generations file of eval.py")
+    seen = {}
+    for n, r in objects:
+        bad = [k for k, kind in RECORD_FIELDS.items() if not isinstance(r.get(k, ...), kind)]
+        if bad:
+            raise SystemExit(f"{path}: line {n}: not a generation record of eval.py (missing or mistyped: {bad})")
+        if r["benchmark"] not in BENCHMARKS:
+            raise SystemExit(f"{path}: line {n}: unknown benchmark {r['benchmark']!r}; known: {', '.join(BENCHMARKS)}")
+        key = (r["benchmark"], r["problem_idx"], r["sample_idx"])
+        if key in seen:  # counting it twice would weigh one problem more than the others
+            raise SystemExit(f"{path}: line {n} repeats {key} of line {seen[key]}")
+        seen[key] = n
+    return [r for _, r in objects], size
 
 
-def write_results(rows: list[dict], out_dir: Path) -> str:
+def write_results(rows: list[dict], json_path: Path, md_path: Path) -> str:
     results = score_rows(rows)
     table = markdown_table(results)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "results.md").write_text(table + "\n")
+    json_path.write_text(json.dumps(results, indent=2))
+    md_path.write_text(table + "\n")
     return table
 
 
@@ -182,7 +231,7 @@ def open_run(out_dir: Path, settings: dict) -> tuple[Path, set]:
         if changed:
             raise SystemExit(f"{out_dir} holds samples made with other {changed}: pick another --output-dir")
     settings_path.write_text(json.dumps(settings, indent=2))
-    done = read_generations(gen_path) if gen_path.exists() else []
+    done = read_generations(gen_path)[0] if gen_path.exists() else []
     gen_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))  # drop a torn last line
     return gen_path, {(r["benchmark"], r["problem_idx"], r["sample_idx"]) for r in done}
 
@@ -227,24 +276,24 @@ def evaluate(args) -> str:
                 "seed": args.seed, "prompt_format": args.prompt_format, "batch_size": args.batch_size,
                 "samples": args.samples, "data": args.data_dir or "hub"}  # fmt: skip
     out_dir = Path(args.output_dir or f"evals/{Path(args.model).name}_t{temperature}_p{top_p}")
+    benchmarks = {name: load_benchmark(name, args.data_dir)[: args.limit] for name in names}  # bad files fail here
     gen_path, have = open_run(out_dir, settings)
 
     model, tokenizer = stapo.load_policy(args.model, stapo.resolve_device(stapo.Config(device=args.device)))
     cfg = stapo.Config(temperature=temperature, top_p=top_p, max_new_tokens=args.max_new_tokens,
                        kv_cache_gb=args.kv_cache_gb, precision=args.precision)  # fmt: skip
     wanted = set()
-    for name in names:
-        examples = load_benchmark(name, args.data_dir)[: args.limit]
+    for name, examples in benchmarks.items():
         k = args.samples or BENCHMARKS[name].samples
         wanted |= sample_benchmark(model, tokenizer, name, examples, k, args, cfg, gen_path, have)
-    rows = [r for r in read_generations(gen_path) if (r["benchmark"], r["problem_idx"], r["sample_idx"]) in wanted]
-    return write_results(rows, out_dir)
+    rows = [r for r in read_generations(gen_path)[0] if (r["benchmark"], r["problem_idx"], r["sample_idx"]) in wanted]
+    return write_results(rows, out_dir / "results.json", out_dir / "results.md")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="HF id, checkpoint folder, or 'tiny' (random CPU model)")
-    p.add_argument("--score", metavar="FILE", help="only rebuild the table from a generations.jsonl")
+    p.add_argument("--score", metavar="FILE", help="rebuild the table from a generations file (written beside it)")
     p.add_argument("--benchmarks", help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
     p.add_argument("--data-dir", help="folder of local jsonl copies (default: the Hub ids)")
     p.add_argument("--preset", choices=PRESETS, default="t1.0", help="t1.0: temperature 1.0, top-p 1.0; t0.7: 0.7/0.9")
@@ -271,10 +320,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.score:
-        path = Path(args.score)
-        if not path.exists():
-            raise SystemExit(f"--score {path}: no such file")
-        print(write_results(read_generations(path), path.parent))
+        path = Path(args.score)  # the tables go beside it under its own name: a run's results.md stays as it is
+        rows = read_generations(path)[0]
+        print(write_results(rows, path.with_name(f"{path.stem}.score.json"), path.with_name(f"{path.stem}.score.md")))
     else:
         print(evaluate(args))
 

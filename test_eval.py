@@ -64,20 +64,27 @@ def test_pass_at_k_matches_enumeration(n, c):
         assert ev.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
 
 
+def jsonl(*rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def record(benchmark: str, problem: int, sample: int, correct: bool = True, **fields) -> dict:
+    """A generation record as eval.py writes it."""
+    return {"benchmark": benchmark, "problem_idx": problem, "sample_idx": sample, "gold": "1",
+            "extracted": "1" if correct else "2", "correct": correct, "length": 10, "truncated": False,
+            "completion": f"\\boxed{{{1 if correct else 2}}}", **fields}  # fmt: skip
+
+
 def test_score_a_handwritten_generations_file(tmp_path, capsys):
-    rows = []
     # aime24: problem 0 right in 1 of 4 samples, problem 1 in 2 of 4; math500: one problem, 2 samples, no box once
-    for problem, correct in ((0, [1, 0, 0, 0]), (1, [1, 1, 0, 0])):
-        rows += [{"benchmark": "aime24", "problem_idx": problem, "sample_idx": j, "correct": bool(c), "extracted": "1",
-                  "length": 10, "truncated": False} for j, c in enumerate(correct)]  # fmt: skip
-    rows += [{"benchmark": "math500", "problem_idx": 0, "sample_idx": 0, "correct": True, "extracted": "1", "length": 4,
-              "truncated": False},
-             {"benchmark": "math500", "problem_idx": 0, "sample_idx": 1, "correct": False, "extracted": None,
-              "length": 8, "truncated": True}]  # fmt: skip
+    outcomes = {0: [1, 0, 0, 0], 1: [1, 1, 0, 0]}
+    rows = [record("aime24", p, j, bool(c)) for p, cs in outcomes.items() for j, c in enumerate(cs)]
+    rows += [record("math500", 0, 0, True, length=4),
+             record("math500", 0, 1, False, extracted=None, length=8, truncated=True)]  # fmt: skip
     path = tmp_path / "generations.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_bytes(jsonl(*rows))
     ev.main(["--score", str(path)])
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / "generations.score.json").read_text())
     aime = results["aime24"]
     assert aime["avg@4"] == 3 / 8
     assert aime["pass@1"] == pytest.approx((1 / 4 + 2 / 4) / 2)
@@ -87,6 +94,81 @@ def test_score_a_handwritten_generations_file(tmp_path, capsys):
     assert (m["avg@2"], m["pass@2"], m["no_box"], m["mean_length"], m["truncated"]) == (0.5, 1.0, 0.5, 6, 0.5)
     assert results["Avg"] == pytest.approx((3 / 8 + 1 / 2) / 2)
     assert "| aime24 | 2 | 37.5 (k=4) | 37.5 | 66.7 | 100.0 |" in capsys.readouterr().out
+
+
+TORN = b'{"benchmark": "aime24", "problem_idx": 0, "sam'  # what a kill during an append leaves
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (b"", "no records: not a generations file of eval.py"),  # empty: was "Avg 0.0", exit 0
+        (b"\n\n", "no records"),  # blank lines only
+        (TORN, "no records"),  # the only line is torn: nothing is left to score
+        (b"benchmark,problem_idx,correct\naime24,0,1\n", "line 1: not JSON"),  # a CSV
+        (b"\x89PNG\r\n\x1a\n\x00\x00", r"line 1: not UTF-8 \(byte 0x89"),  # a binary file
+        (jsonl({"problem": "p", "answer": "1"}), r"line 1: not a generation record .*\['benchmark', 'problem_idx'"),
+        (jsonl(record("aime24", 0, 0), [1, 2]), "line 2: a JSON list, not an object"),
+        (jsonl(record("gsm8k", 0, 0)), "line 1: unknown benchmark 'gsm8k'"),
+        (jsonl(record("aime24", 0, 0, correct="yes")), r"line 1: .*mistyped: \['correct'\]"),
+        (jsonl(record("aime24", 0, 0)) + TORN + b"\n" + jsonl(record("aime24", 0, 1)), "line 2: not JSON"),  # mid-file
+    ],
+)
+def test_score_rejects_what_is_not_a_generations_file(tmp_path, content, error):
+    path = tmp_path / "generations.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit, match=error) as e:
+        ev.main(["--score", str(path)])
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == [path]  # no tables written
+
+
+def test_score_refuses_a_sample_written_twice(tmp_path):
+    path = tmp_path / "generations.jsonl"
+    path.write_bytes(jsonl(record("aime24", 0, 0, True), record("aime24", 0, 1, False), record("aime24", 0, 0, True)))
+    with pytest.raises(SystemExit, match=r"line 3 repeats \('aime24', 0, 0\) of line 1"):  # was counted twice
+        ev.main(["--score", str(path)])
+
+
+def test_score_drops_a_torn_last_line_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "generations.jsonl"
+    path.write_bytes(jsonl(record("aime24", 0, 0, True), record("aime24", 0, 1, False)) + TORN)
+    ev.main(["--score", str(path)])
+    assert f"warning: {path}: line 3 is cut short" in capsys.readouterr().err
+    assert json.loads((tmp_path / "generations.score.json").read_text())["aime24"]["avg@2"] == 0.5
+
+
+def test_score_writes_beside_its_input_without_touching_the_runs_results(tmp_path, capsys):
+    (tmp_path / "results.md").write_text("a run made with other settings\n")
+    path = tmp_path / "generations.jsonl"
+    path.write_bytes(jsonl(record("aime24", 0, 0)))
+    ev.main(["--score", str(path)])
+    assert (tmp_path / "results.md").read_text() == "a run made with other settings\n"
+    assert (tmp_path / "generations.score.md").read_text() == capsys.readouterr().out
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        "generations.jsonl", "generations.score.json", "generations.score.md", "results.md"]  # fmt: skip
+
+
+AMC_ROW = {"id": 0, "problem": "p", "question": "p", "answer": 27.0, "url": "u"}
+
+
+@pytest.mark.parametrize(
+    ("amc23", "error"),
+    [
+        (jsonl(AMC_ROW) + b'{"id": 1, "problem": "p",\n', "line 2: not JSON"),
+        (jsonl(AMC_ROW) + '{"problem": "caf\xe9"}\n'.encode("latin-1"), r"line 2: not UTF-8 \(byte 0xe9 at col"),
+        (jsonl(AMC_ROW, ["p", 3]), "line 2: a JSON list, not an object"),
+        (jsonl(AMC_ROW, {"id": 1, "problem": "p", "url": "u"}), r"line 2: no .* answer \(fields: id, problem, url\)"),
+        (jsonl(AMC_ROW, {"id": 1, "problem": "p", "answer": "$ $"}), "line 2: no .* usable answer"),  # empty once $ go
+        (jsonl(AMC_ROW, {"id": 1, "answer": 3}), "line 2: no problem text"),
+    ],
+)
+def test_malformed_benchmark_file_names_file_and_line(data_dir, tmp_path, amc23, error):
+    (data_dir / "amc23.jsonl").write_bytes(amc23)
+    with pytest.raises(SystemExit, match=error) as e:
+        ev.main(eval_args(data_dir, tmp_path / "out", "--benchmarks", "amc23"))
+    assert str(e.value).startswith(f"{data_dir / 'amc23.jsonl'}: line 2: ")
+    assert not (tmp_path / "out").exists()  # checked before a run folder is made
 
 
 def eval_args(data_dir, out, *extra):
