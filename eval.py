@@ -18,6 +18,7 @@ the interruption). `--score FILE` rebuilds the table from a generations file wit
 import argparse
 import json
 import math
+import os
 import sys
 import zlib
 from collections import defaultdict
@@ -47,16 +48,6 @@ BENCHMARKS = {
     "olympiadbench": Benchmark("math-ai/olympiadbench", "test", "olympiadbench.jsonl", 4),
 }
 PRESETS = {"t1.0": (1.0, 1.0), "t0.7": (0.7, 0.9)}  # (temperature, top-p): the paper's two settings
-SETTINGS_THAT_CHANGE_SAMPLES = (
-    "model",
-    "temperature",
-    "top_p",
-    "max_new_tokens",
-    "seed",
-    "prompt_format",
-    "batch_size",
-    "samples",
-)
 RECORD_FIELDS = {"benchmark": str, "problem_idx": int, "sample_idx": int, "gold": str, "extracted": (str, type(None)),
                  "correct": bool, "length": int, "truncated": bool, "completion": str}  # fmt: skip
 
@@ -189,8 +180,6 @@ def read_generations(path: Path) -> tuple[list[dict], int]:
     if not path.is_file():
         raise SystemExit(f"{path}: no such file")
     objects, size = jsonl_objects(path, torn_tail_ok=True)
-    if not objects:
-        raise SystemExit(f"{path}: no records: not a generations file of eval.py")
     seen = {}
     for n, r in objects:
         bad = [k for k, kind in RECORD_FIELDS.items() if not isinstance(r.get(k, ...), kind)]
@@ -221,18 +210,35 @@ def batch_seed(seed: int, name: str, batch: int) -> int:
     return zlib.crc32(f"{seed}/{name}/{batch}".encode())
 
 
+def replace_atomically(path: Path, data: bytes):
+    """Write aside, then rename: a kill leaves the old file or the new one, never a half-written one."""
+    tmp = path.with_name(f".{path.name}.tmp")  # same folder, so os.replace is a rename, not a copy
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def open_run(out_dir: Path, settings: dict) -> tuple[Path, set]:
     """The generations file of out_dir and the (benchmark, problem, sample) keys it already holds."""
     out_dir.mkdir(parents=True, exist_ok=True)
     settings_path, gen_path = out_dir / "settings.json", out_dir / "generations.jsonl"
     if settings_path.exists():
         saved = json.loads(settings_path.read_text())
-        changed = [k for k in SETTINGS_THAT_CHANGE_SAMPLES if saved.get(k) != settings[k]]
+        changed = "; ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v)
         if changed:
-            raise SystemExit(f"{out_dir} holds samples made with other {changed}: pick another --output-dir")
+            raise SystemExit(f"{out_dir} holds a run with other settings ({changed}): pick another --output-dir")
     settings_path.write_text(json.dumps(settings, indent=2))
-    done = read_generations(gen_path)[0] if gen_path.exists() else []
-    gen_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))  # drop a torn last line
+    if not gen_path.exists():
+        return gen_path, set()
+    done, whole = read_generations(gen_path)
+    data = gen_path.read_bytes()
+    if data and not data.endswith(b"\n"):  # a kill during an append: drop the torn line, or end a whole one
+        replace_atomically(gen_path, data[:whole] if whole < len(data) else data + b"\n")
     return gen_path, {(r["benchmark"], r["problem_idx"], r["sample_idx"]) for r in done}
 
 
@@ -272,14 +278,19 @@ def evaluate(args) -> str:
     for name in names:
         if name not in BENCHMARKS:
             raise SystemExit(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    device = stapo.resolve_device(stapo.Config(device=args.device))
+    # Everything that changes a sample or a score. The KV budget is here because it sets how a batch splits
+    # into generate calls, and the device type because "auto" precision and the kernels depend on it.
+    data = str(Path(args.data_dir).resolve()) if args.data_dir else "hub"
     settings = {"model": args.model, "temperature": temperature, "top_p": top_p, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "prompt_format": args.prompt_format, "batch_size": args.batch_size,
-                "samples": args.samples, "data": args.data_dir or "hub"}  # fmt: skip
+                "samples": args.samples, "limit": args.limit, "data": data, "precision": args.precision,
+                "device": device.type, "kv_cache_gb": args.kv_cache_gb}  # fmt: skip
     out_dir = Path(args.output_dir or f"evals/{Path(args.model).name}_t{temperature}_p{top_p}")
     benchmarks = {name: load_benchmark(name, args.data_dir)[: args.limit] for name in names}  # bad files fail here
     gen_path, have = open_run(out_dir, settings)
 
-    model, tokenizer = stapo.load_policy(args.model, stapo.resolve_device(stapo.Config(device=args.device)))
+    model, tokenizer = stapo.load_policy(args.model, device)
     cfg = stapo.Config(temperature=temperature, top_p=top_p, max_new_tokens=args.max_new_tokens,
                        kv_cache_gb=args.kv_cache_gb, precision=args.precision)  # fmt: skip
     wanted = set()
@@ -322,6 +333,8 @@ def main(argv=None):
     if args.score:
         path = Path(args.score)  # the tables go beside it under its own name: a run's results.md stays as it is
         rows = read_generations(path)[0]
+        if not rows:
+            raise SystemExit(f"{path}: no records: not a generations file of eval.py")
         print(write_results(rows, path.with_name(f"{path.stem}.score.json"), path.with_name(f"{path.stem}.score.md")))
     else:
         print(evaluate(args))

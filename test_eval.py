@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import shutil
 
 import pytest
 
@@ -193,7 +194,75 @@ def test_eval_run_then_interrupted_run_resumes_to_the_same_table(data_dir, tmp_p
     assert (tmp_path / "cut" / "results.md").read_text() == (tmp_path / "full" / "results.md").read_text()
 
 
-def test_eval_refuses_to_mix_settings(data_dir, tmp_path):
-    ev.main(eval_args(data_dir, tmp_path, "--benchmarks", "amc23"))
-    with pytest.raises(SystemExit, match="temperature"):
-        ev.main(eval_args(data_dir, tmp_path, "--benchmarks", "amc23", "--preset", "t0.7"))
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """An amc23 run of 2 problems x 3 samples, and the data folder it read."""
+    folder = tmp_path_factory.mktemp("first")
+    (folder / "bench").mkdir()
+    (folder / "bench" / "amc23.jsonl").write_bytes(jsonl(*QUIRKY_ROWS["amc23"]))
+    ev.main(eval_args(folder / "bench", folder / "run", "--benchmarks", "amc23"))
+    return folder / "bench", folder / "run"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "setting"),
+    [
+        ("--model", "Qwen/Qwen3-1.7B", "model"),
+        ("--preset", "t0.7", "temperature"),
+        ("--temperature", "0.5", "temperature"),
+        ("--top-p", "0.9", "top_p"),
+        ("--max-new-tokens", "8", "max_new_tokens"),
+        ("--seed", "1", "seed"),
+        ("--prompt-format", "plain", "prompt_format"),
+        ("--batch-size", "2", "batch_size"),
+        ("--samples", "2", "samples"),
+        ("--limit", "1", "limit"),  # a shorter last batch samples differently
+        ("--data-dir", "copy", "data"),  # the same files in another folder: maybe not the same files next time
+        ("--precision", "bf16-autocast", "precision"),
+        ("--device", "cuda", "device"),  # refused before any model is loaded, so no GPU is needed
+        ("--kv-cache-gb", "0.001", "kv_cache_gb"),  # splits a batch into more generate calls
+    ],
+)
+def test_eval_refuses_to_mix_settings(first_run, tmp_path, flag, value, setting):
+    bench, run = first_run
+    shutil.copytree(run, tmp_path / "run")
+    if value == "copy":
+        value = str(shutil.copytree(bench, tmp_path / "bench"))
+    with pytest.raises(SystemExit, match=rf"holds a run with other settings \({setting} .* -> .*\): pick another"):
+        ev.main(eval_args(bench, tmp_path / "run", "--benchmarks", "amc23", flag, value))
+    assert (tmp_path / "run" / "settings.json").read_text() == (run / "settings.json").read_text()
+
+
+A, B = record("aime24", 0, 0), record("aime24", 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (jsonl(A, B), jsonl(A, B)),  # whole: left alone
+        (jsonl(A) + TORN, jsonl(A)),  # torn last line: dropped
+        (jsonl(A) + json.dumps(B).encode(), jsonl(A, B)),  # cut between "}" and its newline: the record stays
+        (TORN, b""),  # killed during the first append
+        (b"", b""),  # killed before it
+    ],
+)
+def test_resume_keeps_whole_records_and_drops_a_torn_line(tmp_path, before, after):
+    (tmp_path / "generations.jsonl").write_bytes(before)
+    gen_path, have = ev.open_run(tmp_path, {"model": "tiny"})
+    assert gen_path.read_bytes() == after
+    assert have == {(r["benchmark"], r["problem_idx"], r["sample_idx"]) for r in map(json.loads, after.splitlines())}
+
+
+def test_a_crash_while_dropping_a_torn_line_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    def crash(src, dst):
+        raise OSError("disk gone")  # the moment the old code had truncated the file and not yet rewritten it
+
+    (tmp_path / "generations.jsonl").write_bytes(jsonl(A, B) + TORN)
+    monkeypatch.setattr(ev.os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        ev.open_run(tmp_path, {"model": "tiny"})
+    assert (tmp_path / "generations.jsonl").read_bytes() == jsonl(A, B) + TORN
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["generations.jsonl", "settings.json"]  # no temp file left
+
+    (tmp_path / "generations.jsonl").write_bytes(jsonl(A, B))
+    assert ev.open_run(tmp_path, {"model": "tiny"})[1] == {("aime24", 0, 0), ("aime24", 0, 1)}  # whole: no rewrite
