@@ -295,10 +295,30 @@ def evaluate(args) -> str:
                        kv_cache_gb=args.kv_cache_gb, precision=args.precision)  # fmt: skip
     wanted = set()
     for name, examples in benchmarks.items():
-        k = args.samples or BENCHMARKS[name].samples
+        k = args.samples or BENCHMARKS[name].samples  # None: the paper's number
         wanted |= sample_benchmark(model, tokenizer, name, examples, k, args, cfg, gen_path, have)
     rows = [r for r in read_generations(gen_path)[0] if (r["benchmark"], r["problem_idx"], r["sample_idx"]) in wanted]
     return write_results(rows, out_dir / "results.json", out_dir / "results.md")
+
+
+def number(kind, allowed: str, ok):
+    """An argparse type that refuses, by value and rule, what argparse would let through (-29, 0, nan, 1.5)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: give {allowed}")
+        return value
+
+    return parse
+
+
+COUNT = number(int, "a whole number >= 1", lambda v: v >= 1)
+POSITIVE = number(float, "a number > 0", lambda v: 0 < v < math.inf)
+PROBABILITY = number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
 def parse_args(argv=None):
@@ -308,16 +328,17 @@ def parse_args(argv=None):
     p.add_argument("--benchmarks", help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
     p.add_argument("--data-dir", help="folder of local jsonl copies (default: the Hub ids)")
     p.add_argument("--preset", choices=PRESETS, default="t1.0", help="t1.0: temperature 1.0, top-p 1.0; t0.7: 0.7/0.9")
-    p.add_argument("--temperature", type=float, help="overrides the preset")
-    p.add_argument("--top-p", type=float, help="overrides the preset")
-    p.add_argument("--samples", type=int, help="samples per problem (default: the paper's 32 or 4)")
-    p.add_argument("--max-new-tokens", type=int, help="response cap (default: the paper's 20,480; 64 for tiny)")
-    p.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per seeded generation batch")
-    p.add_argument("--kv-cache-gb", type=float, default=16.0, help="KV-cache budget of one generate call")
+    p.add_argument("--temperature", type=POSITIVE, help="overrides the preset")
+    p.add_argument("--top-p", type=PROBABILITY, help="overrides the preset")
+    p.add_argument("--samples", type=COUNT, help="samples per problem (default: the paper's 32 or 4)")
+    p.add_argument("--max-new-tokens", type=COUNT, help="response cap (default: the paper's 20,480; 64 for tiny)")
+    p.add_argument("--limit", type=COUNT, help="only the first N problems of each benchmark")
+    p.add_argument("--batch-size", type=COUNT, default=64, help="sequences per seeded generation batch")
+    p.add_argument("--kv-cache-gb", type=POSITIVE, default=16.0, help="KV-cache budget of one generate call")
     p.add_argument("--prompt-format", choices=("chat", "plain"), default="chat", help="as in training")
-    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16-autocast")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16-autocast"), default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", help="default: evals/<model>_t<temperature>_p<top-p>")
     args = p.parse_args(argv)

@@ -194,6 +194,37 @@ def test_eval_run_then_interrupted_run_resumes_to_the_same_table(data_dir, tmp_p
     assert (tmp_path / "cut" / "results.md").read_text() == (tmp_path / "full" / "results.md").read_text()
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "allowed"),
+    [
+        ("--limit", "-29", "give a whole number >= 1"),  # was "all but the last 29 problems"
+        ("--limit", "0", "give a whole number >= 1"),
+        ("--samples", "0", "give a whole number >= 1"),  # was the paper's 32 or 4
+        ("--samples", "2.5", "give a whole number >= 1"),
+        ("--batch-size", "0", "give a whole number >= 1"),
+        ("--max-new-tokens", "-1", "give a whole number >= 1"),
+        ("--temperature", "0", "give a number > 0"),
+        ("--temperature", "nan", "give a number > 0"),
+        ("--kv-cache-gb", "inf", "give a number > 0"),
+        ("--top-p", "0", "give a number in (0, 1]"),
+        ("--top-p", "1.5", "give a number in (0, 1]"),
+        ("--precision", "bf16", "invalid choice: 'bf16'"),  # was a silent fp32 run
+    ],
+)
+def test_flags_refuse_values_outside_their_range(capsys, flag, value, allowed):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", "tiny", flag, value])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and f"error: argument {flag}: " in err and value in err and allowed in err
+
+
+def test_help_lists_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    out = capsys.readouterr().out
+    assert "{auto,fp32,bf16-autocast}" in out and "{chat,plain}" in out and "{t1.0,t0.7}" in out
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """An amc23 run of 2 problems x 3 samples, and the data folder it read."""
