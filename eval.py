@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import time
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -223,8 +224,8 @@ def replace_atomically(path: Path, data: bytes):
         tmp.unlink(missing_ok=True)
 
 
-def open_run(out_dir: Path, settings: dict) -> tuple[Path, set]:
-    """The generations file of out_dir and the (benchmark, problem, sample) keys it already holds."""
+def open_run(out_dir: Path, settings: dict) -> tuple[Path, dict]:
+    """The generations file of out_dir and {(benchmark, problem, sample): correct} of what it already holds."""
     out_dir.mkdir(parents=True, exist_ok=True)
     settings_path, gen_path = out_dir / "settings.json", out_dir / "generations.jsonl"
     if settings_path.exists():
@@ -234,16 +235,16 @@ def open_run(out_dir: Path, settings: dict) -> tuple[Path, set]:
             raise SystemExit(f"{out_dir} holds a run with other settings ({changed}): pick another --output-dir")
     settings_path.write_text(json.dumps(settings, indent=2))
     if not gen_path.exists():
-        return gen_path, set()
+        return gen_path, {}
     done, whole = read_generations(gen_path)
     data = gen_path.read_bytes()
     if data and not data.endswith(b"\n"):  # a kill during an append: drop the torn line, or end a whole one
         replace_atomically(gen_path, data[:whole] if whole < len(data) else data + b"\n")
-    return gen_path, {(r["benchmark"], r["problem_idx"], r["sample_idx"]) for r in done}
+    return gen_path, {(r["benchmark"], r["problem_idx"], r["sample_idx"]): r["correct"] for r in done}
 
 
-def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, args, cfg, gen_path: Path, have: set):
-    """k samples of every problem, in fixed seeded batches; batches already on file are skipped."""
+def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, args, cfg, gen_path: Path, have: dict):
+    """k samples of every problem, in fixed seeded batches; batches already in `have` are skipped, new ones added."""
     prompts = [stapo.encode_prompt(e["problem"], tokenizer, args.prompt_format) for e in examples]
     items = [(i, j) for i in range(len(examples)) for j in range(k)]
     batches = [items[b : b + args.batch_size] for b in range(0, len(items), args.batch_size)]
@@ -265,6 +266,7 @@ def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, 
                             "length": len(ids), "truncated": bool(rollouts.truncated[row]),
                             "completion": text})  # fmt: skip
         stapo.append_jsonl(gen_path, records)
+        have |= {(name, r["problem_idx"], r["sample_idx"]): r["correct"] for r in records}
         bar.update(len(batch))
     bar.close()
     return {(name, i, j) for i, j in items}
@@ -289,14 +291,19 @@ def evaluate(args) -> str:
     out_dir = Path(args.output_dir or f"evals/{Path(args.model).name}_t{temperature}_p{top_p}")
     benchmarks = {name: load_benchmark(name, args.data_dir)[: args.limit] for name in names}  # bad files fail here
     gen_path, have = open_run(out_dir, settings)
+    print(f"eval: writing to {out_dir.resolve()}", flush=True)  # flushed: a batch job's log shows it at once
 
     model, tokenizer = stapo.load_policy(args.model, device)
     cfg = stapo.Config(temperature=temperature, top_p=top_p, max_new_tokens=args.max_new_tokens,
                        kv_cache_gb=args.kv_cache_gb, precision=args.precision)  # fmt: skip
     wanted = set()
     for name, examples in benchmarks.items():
-        k = args.samples or BENCHMARKS[name].samples  # None: the paper's number
-        wanted |= sample_benchmark(model, tokenizer, name, examples, k, args, cfg, gen_path, have)
+        k, start = args.samples or BENCHMARKS[name].samples, time.perf_counter()  # samples None: the paper's number
+        keys = sample_benchmark(model, tokenizer, name, examples, k, args, cfg, gen_path, have)
+        wanted |= keys
+        avg = sum(have[key] for key in keys) / len(keys)
+        print(f"{name} | {len(examples)} problems x {k} samples | avg@{k} {100 * avg:.1f} | "
+              f"{time.perf_counter() - start:.0f}s", flush=True)  # fmt: skip
     rows = [r for r in read_generations(gen_path)[0] if (r["benchmark"], r["problem_idx"], r["sample_idx"]) in wanted]
     return write_results(rows, out_dir / "results.json", out_dir / "results.md")
 

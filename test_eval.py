@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 import shutil
 
 import pytest
@@ -225,6 +226,18 @@ def test_help_lists_the_choices(capsys):
     assert "{auto,fp32,bf16-autocast}" in out and "{chat,plain}" in out and "{t1.0,t0.7}" in out
 
 
+def test_eval_says_where_it_writes_then_one_line_per_finished_benchmark(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a relative --output-dir is reported as an absolute path
+    ev.main(eval_args(data_dir, "run", "--benchmarks", "amc23,aime24"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"eval: writing to {(tmp_path / 'run').resolve()}"
+    records = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    for line, name in zip(out[1:3], ["amc23", "aime24"], strict=True):
+        avg = 100 * sum(r["correct"] for r in records if r["benchmark"] == name) / 6
+        assert re.fullmatch(rf"{name} \| 2 problems x 3 samples \| avg@3 {avg:.1f} \| \d+s", line)
+    assert out[3].startswith("| benchmark | problems | avg@k |")
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """An amc23 run of 2 problems x 3 samples, and the data folder it read."""
@@ -281,7 +294,8 @@ def test_resume_keeps_whole_records_and_drops_a_torn_line(tmp_path, before, afte
     (tmp_path / "generations.jsonl").write_bytes(before)
     gen_path, have = ev.open_run(tmp_path, {"model": "tiny"})
     assert gen_path.read_bytes() == after
-    assert have == {(r["benchmark"], r["problem_idx"], r["sample_idx"]) for r in map(json.loads, after.splitlines())}
+    kept = [json.loads(line) for line in after.splitlines()]
+    assert have == {(r["benchmark"], r["problem_idx"], r["sample_idx"]): r["correct"] for r in kept}
 
 
 def test_a_crash_while_dropping_a_torn_line_leaves_the_file_as_it_was(tmp_path, monkeypatch):
@@ -296,4 +310,4 @@ def test_a_crash_while_dropping_a_torn_line_leaves_the_file_as_it_was(tmp_path, 
     assert sorted(f.name for f in tmp_path.iterdir()) == ["generations.jsonl", "settings.json"]  # no temp file left
 
     (tmp_path / "generations.jsonl").write_bytes(jsonl(A, B))
-    assert ev.open_run(tmp_path, {"model": "tiny"})[1] == {("aime24", 0, 0), ("aime24", 0, 1)}  # whole: no rewrite
+    assert ev.open_run(tmp_path, {"model": "tiny"})[1] == {("aime24", 0, 0): True, ("aime24", 0, 1): True}  # no rewrite
