@@ -2,20 +2,25 @@
 
 AIME24, AIME25, AMC23 with 32 samples per problem, MATH500, Minerva, OlympiadBench with 4.
 Prompt, generation and the verifier are those of stapo.py: one definition of "correct".
+`--grader math-verify` re-scores the same samples with HF's math-verify (optional package);
+`--grader both` adds its avg@k and the share of samples the two graders agree on.
 Reported per benchmark: avg@k (mean accuracy over the k samples, the paper's number), unbiased
 pass@k for k = 1, 2, 4, ..., the share of answers without \\boxed{}, mean length, truncation rate;
 and "Avg", the unweighted mean of the benchmarks' avg@k.
 
-Every sample is appended to generations.jsonl when its batch is done; rerunning the same command
-skips finished batches (each batch has its own seed, so the final table is the same as without
-the interruption). `--score FILE` rebuilds the table from a generations file without a model.
+Every sample is appended to <output-dir>/generations.jsonl when its batch is done; rerunning the
+same command skips finished batches (each batch has its own seed, so the final table is the same
+as without the interruption). A rerun with any other setting is refused (settings.json).
+`--score FILE` rebuilds the table from a generations file without a model, into
+<FILE stem>.score-<grader>.md/.json beside FILE, so it never overwrites a run's results.md.
 
     python eval.py --model runs/stapo/step-000200                # all six, from the Hub
     python eval.py --model tiny --data-dir ../shared/benchmarks --limit 5
-    python eval.py --score evals/step-000200_t1.0_p1.0/generations.jsonl
+    python eval.py --score evals/step-000200_t1.0_p1.0/generations.jsonl --grader both
 """
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -49,6 +54,8 @@ BENCHMARKS = {
     "olympiadbench": Benchmark("math-ai/olympiadbench", "test", "olympiadbench.jsonl", 4),
 }
 PRESETS = {"t1.0": (1.0, 1.0), "t0.7": (0.7, 0.9)}  # (temperature, top-p): the paper's two settings
+GRADERS = ("regex", "math-verify", "both")  # regex: stapo.verify, the reward of training
+MATH_VERIFY_SECONDS = 5  # per math-verify parse or compare call (its own default); a timeout counts as wrong
 RECORD_FIELDS = {"benchmark": str, "problem_idx": int, "sample_idx": int, "gold": str, "extracted": (str, type(None)),
                  "correct": bool, "length": int, "truncated": bool, "completion": str}  # fmt: skip
 
@@ -58,12 +65,9 @@ RECORD_FIELDS = {"benchmark": str, "problem_idx": int, "sample_idx": int, "gold"
 
 
 def jsonl_objects(path: Path, torn_tail_ok: bool = False) -> tuple[list[tuple[int, dict]], int]:
-    """(line number, object) of every non-blank line, and the byte length of the lines kept.
-
-    Anything but one JSON object per UTF-8 line is a one-line SystemExit naming the file and line.
-    With torn_tail_ok, a last line without its newline that does not parse, which is what a crash
-    during an append leaves, is dropped with a warning.
-    """
+    """(line number, object) of each non-blank line and the byte length of the lines kept. Anything but one
+    JSON object per UTF-8 line is a one-line SystemExit naming file and line; with torn_tail_ok, a last line
+    that a kill during an append cut short (no newline, does not parse) is dropped with a warning instead."""
     data = path.read_bytes()
     lines = data.split(b"\n")  # the last item is b"" when the file ends with a newline
     objects = []
@@ -132,20 +136,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
-def score_rows(rows: list[dict]) -> dict:
-    """Per-benchmark metrics from generation records."""
+def score_rows(rows: list[dict], grader: str = "regex") -> dict:
+    """Per-benchmark metrics from generation records; with math-verify, its verdict is each r["math_verify"]."""
     results = {}
     for name in [b for b in BENCHMARKS if any(r["benchmark"] == b for r in rows)]:
         mine = [r for r in rows if r["benchmark"] == name]
+        correct = [r["math_verify"] is True if grader == "math-verify" else r["correct"] for r in mine]
         per_problem = defaultdict(list)
-        for r in mine:
-            per_problem[r["problem_idx"]].append(r["correct"])
+        for r, c in zip(mine, correct, strict=True):
+            per_problem[r["problem_idx"]].append(c)
         n = min(len(v) for v in per_problem.values())
         ks = [2**i for i in range(int(math.log2(n)) + 1)]
-        results[name] = {
+        m = results[name] = {
             "problems": len(per_problem),
             "samples": n,
-            f"avg@{n}": sum(r["correct"] for r in mine) / len(mine),
+            f"avg@{n}": sum(correct) / len(mine),
             **{
                 f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in per_problem.values()) / len(per_problem)
                 for k in ks
@@ -154,26 +159,80 @@ def score_rows(rows: list[dict]) -> dict:
             "mean_length": sum(r["length"] for r in mine) / len(mine),
             "truncated": sum(r["truncated"] for r in mine) / len(mine),
         }
-    avg_keys = [next(k for k in m if k.startswith("avg@")) for m in results.values()]
-    results["Avg"] = sum(m[k] for m, k in zip(results.values(), avg_keys, strict=True)) / max(1, len(results))
+        if grader == "both":
+            verdicts = [r["math_verify"] is True for r in mine]
+            m[f"math_verify_avg@{n}"] = sum(verdicts) / len(mine)
+            m["agreement"] = sum(a == b for a, b in zip(correct, verdicts, strict=True)) / len(mine)
+        if grader != "regex":
+            m["math_verify_timeouts"] = sum(r["math_verify"] == "timeout" for r in mine)
+            m["math_verify_errors"] = sum(r["math_verify"] == "error" for r in mine)
+    results["Avg"] = sum(m[f"avg@{m['samples']}"] for m in results.values()) / max(1, len(results))
+    results["grader"] = grader
     return results
 
 
 def markdown_table(results: dict) -> str:
-    ks = sorted({int(k[5:]) for m in results.values() if isinstance(m, dict) for k in m if k.startswith("pass@")})
-    head = ["benchmark", "problems", "avg@k", *[f"pass@{k}" for k in ks], "no box", "mean len", "truncated"]
+    benchmarks = {name: m for name, m in results.items() if isinstance(m, dict)}
+    grader = results.get("grader", "regex")
+    ks = sorted({int(k[5:]) for m in benchmarks.values() for k in m if k.startswith("pass@")})
+    both = ["math-verify avg@k", "agreement"] if grader == "both" else []
+    timeouts = ["math-verify timeouts/errors"] if grader != "regex" else []
+    head = ["benchmark", "problems", "avg@k", *both, *[f"pass@{k}" for k in ks], "no box", "mean len", "truncated",
+            *timeouts]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, m in results.items():
-        if name == "Avg":
-            continue
-        passes = [f"{100 * m[f'pass@{k}']:.1f}" if f"pass@{k}" in m else "" for k in ks]
+    for name, m in benchmarks.items():
         k = m["samples"]
-        avg = f"{100 * m[f'avg@{k}']:.1f} (k={k})"
-        row = [name, str(m["problems"]), avg, *passes, f"{100 * m['no_box']:.1f}", f"{m['mean_length']:.0f}",
-               f"{100 * m['truncated']:.1f}"]  # fmt: skip
+        row = [name, str(m["problems"]), f"{100 * m[f'avg@{k}']:.1f} (k={k})"]
+        if both:
+            row += [f"{100 * m[f'math_verify_avg@{k}']:.1f}", f"{100 * m['agreement']:.1f}"]
+        row += [f"{100 * m[f'pass@{k}']:.1f}" if f"pass@{k}" in m else "" for k in ks]
+        row += [f"{100 * m['no_box']:.1f}", f"{m['mean_length']:.0f}", f"{100 * m['truncated']:.1f}"]
+        if timeouts:
+            row.append(f"{m['math_verify_timeouts']}/{m['math_verify_errors']}")
         lines.append("| " + " | ".join(row) + " |")
-    lines.append(f"\nAvg (unweighted mean of avg@k over {len(results) - 1} benchmarks): {100 * results['Avg']:.1f}")
+    graded, avg = "regex" if grader == "both" else grader, 100 * results["Avg"]
+    lines.append(f"\nAvg (unweighted mean of avg@k over {len(benchmarks)} benchmarks, graded by {graded}): {avg:.1f}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# math-verify (optional): a second opinion on the same samples
+
+
+def load_math_verify():
+    try:
+        import math_verify
+    except ImportError:
+        raise SystemExit("--grader math-verify/both needs the math-verify package: pip install math-verify") from None
+    if "raise_on_error" not in inspect.signature(math_verify.parse).parameters:  # 0.8 tells a timeout from a miss
+        raise SystemExit("--grader math-verify needs math-verify >= 0.8: pip install -U math-verify")
+    return math_verify
+
+
+def math_verify_verdicts(rows: list[dict]) -> list[bool | str]:
+    """math-verify's verdict on each record's completion against its gold: True, False, "timeout" or "error".
+    Each parse and compare call gets MATH_VERIFY_SECONDS, enforced by math-verify with SIGALRM (main thread
+    only, where this runs), which also stops a runaway sympy evaluation such as 9^{9^{9^9}}."""
+    mv = load_math_verify()
+    from math_verify.errors import TimeoutException
+
+    print(f"math-verify: grading {len(rows)} samples", flush=True)
+
+    def parse(text: str) -> list:
+        return mv.parse(text, parsing_timeout=MATH_VERIFY_SECONDS, raise_on_error=True)
+
+    golds, verdicts = {}, []
+    for r in tqdm(rows, desc="math-verify", disable=None):
+        try:
+            if r["gold"] not in golds:
+                golds[r["gold"]] = parse(f"\\boxed{{{r['gold']}}}")  # boxed, as the model is asked to answer
+            pred = parse(r["completion"])
+            verdicts.append(mv.verify(golds[r["gold"]], pred, timeout_seconds=MATH_VERIFY_SECONDS, raise_on_error=True))
+        except TimeoutException:  # a BaseException
+            verdicts.append("timeout")
+        except Exception:  # LaTeX that sympy cannot take; math-verify itself calls it a miss, we count it too
+            verdicts.append("error")
+    return verdicts
 
 
 def read_generations(path: Path) -> tuple[list[dict], int]:
@@ -195,8 +254,11 @@ def read_generations(path: Path) -> tuple[list[dict], int]:
     return [r for _, r in objects], size
 
 
-def write_results(rows: list[dict], json_path: Path, md_path: Path) -> str:
-    results = score_rows(rows)
+def write_results(rows: list[dict], json_path: Path, md_path: Path, grader: str) -> str:
+    if grader != "regex":
+        for r, verdict in zip(rows, math_verify_verdicts(rows), strict=True):
+            r["math_verify"] = verdict
+    results = score_rows(rows, grader)
     table = markdown_table(results)
     json_path.write_text(json.dumps(results, indent=2))
     md_path.write_text(table + "\n")
@@ -273,13 +335,14 @@ def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, 
 
 
 def evaluate(args) -> str:
-    temperature, top_p = PRESETS[args.preset]
-    temperature = args.temperature if args.temperature is not None else temperature
-    top_p = args.top_p if args.top_p is not None else top_p
+    preset_temperature, preset_top_p = PRESETS[args.preset]
+    temperature, top_p = args.temperature or preset_temperature, args.top_p or preset_top_p  # both > 0 if given
     names = args.benchmarks.split(",") if args.benchmarks else list(BENCHMARKS)
     for name in names:
         if name not in BENCHMARKS:
             raise SystemExit(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    if args.grader != "regex":
+        load_math_verify()  # missing: say so now, not after hours of sampling
     device = stapo.resolve_device(stapo.Config(device=args.device))
     # Everything that changes a sample or a score. The KV budget is here because it sets how a batch splits
     # into generate calls, and the device type because "auto" precision and the kernels depend on it.
@@ -287,7 +350,7 @@ def evaluate(args) -> str:
     settings = {"model": args.model, "temperature": temperature, "top_p": top_p, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "prompt_format": args.prompt_format, "batch_size": args.batch_size,
                 "samples": args.samples, "limit": args.limit, "data": data, "precision": args.precision,
-                "device": device.type, "kv_cache_gb": args.kv_cache_gb}  # fmt: skip
+                "device": device.type, "kv_cache_gb": args.kv_cache_gb, "grader": args.grader}  # fmt: skip
     out_dir = Path(args.output_dir or f"evals/{Path(args.model).name}_t{temperature}_p{top_p}")
     benchmarks = {name: load_benchmark(name, args.data_dir)[: args.limit] for name in names}  # bad files fail here
     gen_path, have = open_run(out_dir, settings)
@@ -302,10 +365,10 @@ def evaluate(args) -> str:
         keys = sample_benchmark(model, tokenizer, name, examples, k, args, cfg, gen_path, have)
         wanted |= keys
         avg = sum(have[key] for key in keys) / len(keys)
-        print(f"{name} | {len(examples)} problems x {k} samples | avg@{k} {100 * avg:.1f} | "
+        print(f"{name} | {len(examples)} problems x {k} samples | avg@{k} {100 * avg:.1f} (regex) | "
               f"{time.perf_counter() - start:.0f}s", flush=True)  # fmt: skip
     rows = [r for r in read_generations(gen_path)[0] if (r["benchmark"], r["problem_idx"], r["sample_idx"]) in wanted]
-    return write_results(rows, out_dir / "results.json", out_dir / "results.md")
+    return write_results(rows, out_dir / "results.json", out_dir / "results.md", args.grader)
 
 
 def number(kind, allowed: str, ok):
@@ -345,6 +408,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-format", choices=("chat", "plain"), default="chat", help="as in training")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16-autocast"), default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")  # fmt: skip
+    grader_help = "regex: stapo.py's verifier; math-verify (pip install math-verify); both: regex + agreement"
+    p.add_argument("--grader", choices=GRADERS, default="regex", help=grader_help)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", help="default: evals/<model>_t<temperature>_p<top-p>")
@@ -363,7 +428,8 @@ def main(argv=None):
         rows = read_generations(path)[0]
         if not rows:
             raise SystemExit(f"{path}: no records: not a generations file of eval.py")
-        print(write_results(rows, path.with_name(f"{path.stem}.score.json"), path.with_name(f"{path.stem}.score.md")))
+        out = f"{path.stem}.score-{args.grader}"
+        print(write_results(rows, path.with_name(f"{out}.json"), path.with_name(f"{out}.md"), args.grader))
     else:
         print(evaluate(args))
 

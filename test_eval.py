@@ -4,6 +4,9 @@ import itertools
 import json
 import re
 import shutil
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -86,7 +89,7 @@ def test_score_a_handwritten_generations_file(tmp_path, capsys):
     path = tmp_path / "generations.jsonl"
     path.write_bytes(jsonl(*rows))
     ev.main(["--score", str(path)])
-    results = json.loads((tmp_path / "generations.score.json").read_text())
+    results = json.loads((tmp_path / "generations.score-regex.json").read_text())
     aime = results["aime24"]
     assert aime["avg@4"] == 3 / 8
     assert aime["pass@1"] == pytest.approx((1 / 4 + 2 / 4) / 2)
@@ -137,7 +140,7 @@ def test_score_drops_a_torn_last_line_with_a_warning(tmp_path, capsys):
     path.write_bytes(jsonl(record("aime24", 0, 0, True), record("aime24", 0, 1, False)) + TORN)
     ev.main(["--score", str(path)])
     assert f"warning: {path}: line 3 is cut short" in capsys.readouterr().err
-    assert json.loads((tmp_path / "generations.score.json").read_text())["aime24"]["avg@2"] == 0.5
+    assert json.loads((tmp_path / "generations.score-regex.json").read_text())["aime24"]["avg@2"] == 0.5
 
 
 def test_score_writes_beside_its_input_without_touching_the_runs_results(tmp_path, capsys):
@@ -146,9 +149,9 @@ def test_score_writes_beside_its_input_without_touching_the_runs_results(tmp_pat
     path.write_bytes(jsonl(record("aime24", 0, 0)))
     ev.main(["--score", str(path)])
     assert (tmp_path / "results.md").read_text() == "a run made with other settings\n"
-    assert (tmp_path / "generations.score.md").read_text() == capsys.readouterr().out
+    assert (tmp_path / "generations.score-regex.md").read_text() == capsys.readouterr().out
     assert sorted(f.name for f in tmp_path.iterdir()) == [
-        "generations.jsonl", "generations.score.json", "generations.score.md", "results.md"]  # fmt: skip
+        "generations.jsonl", "generations.score-regex.json", "generations.score-regex.md", "results.md"]  # fmt: skip
 
 
 AMC_ROW = {"id": 0, "problem": "p", "question": "p", "answer": 27.0, "url": "u"}
@@ -234,7 +237,7 @@ def test_eval_says_where_it_writes_then_one_line_per_finished_benchmark(data_dir
     records = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     for line, name in zip(out[1:3], ["amc23", "aime24"], strict=True):
         avg = 100 * sum(r["correct"] for r in records if r["benchmark"] == name) / 6
-        assert re.fullmatch(rf"{name} \| 2 problems x 3 samples \| avg@3 {avg:.1f} \| \d+s", line)
+        assert re.fullmatch(rf"{name} \| 2 problems x 3 samples \| avg@3 {avg:.1f} \(regex\) \| \d+s", line)
     assert out[3].startswith("| benchmark | problems | avg@k |")
 
 
@@ -265,9 +268,12 @@ def first_run(tmp_path_factory):
         ("--precision", "bf16-autocast", "precision"),
         ("--device", "cuda", "device"),  # refused before any model is loaded, so no GPU is needed
         ("--kv-cache-gb", "0.001", "kv_cache_gb"),  # splits a batch into more generate calls
+        ("--grader", "both", "grader"),  # the same samples, but results.md would change its meaning
     ],
 )
 def test_eval_refuses_to_mix_settings(first_run, tmp_path, flag, value, setting):
+    if flag == "--grader":
+        pytest.importorskip("math_verify")  # installed in CI; without it the run stops earlier, at the import
     bench, run = first_run
     shutil.copytree(run, tmp_path / "run")
     if value == "copy":
@@ -311,3 +317,67 @@ def test_a_crash_while_dropping_a_torn_line_leaves_the_file_as_it_was(tmp_path, 
 
     (tmp_path / "generations.jsonl").write_bytes(jsonl(A, B))
     assert ev.open_run(tmp_path, {"model": "tiny"})[1] == {("aime24", 0, 0): True, ("aime24", 0, 1): True}  # no rewrite
+
+
+# ----------------------------------------------------------------------------------------------
+# --grader math-verify / both
+
+
+@pytest.mark.parametrize("grader", ["math-verify", "both"])
+def test_grader_without_the_package_says_how_to_install_it(data_dir, tmp_path, monkeypatch, grader):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # what `import math_verify` meets when it is not installed
+    path = tmp_path / "generations.jsonl"
+    path.write_bytes(jsonl(record("aime24", 0, 0)))
+    with pytest.raises(SystemExit, match="pip install math-verify"):
+        ev.main(["--score", str(path), "--grader", grader])
+    with pytest.raises(SystemExit, match="pip install math-verify"):
+        ev.main(eval_args(data_dir, tmp_path / "run", "--grader", grader))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["bench", "generations.jsonl"]  # nothing written, no run
+
+
+GRADED = [  # (benchmark, gold, completion): the two graders disagree on every other line
+    ("aime24", "1", r"\boxed{1}"),
+    ("aime24", "1", "The answer is $1$."),  # math-verify also reads answers outside \boxed{}
+    ("math500", "2", r"\boxed{\sqrt{4}}"),  # math-verify evaluates; the regex verifier compares forms
+    ("math500", "2", r"\boxed{3}"),
+    ("minerva", "4.5e33", r"\boxed{4.5 \times 10^{33}}"),  # math-verify reads the gold's e as Euler's number
+    ("minerva", "4.5e33", r"\boxed{4.5e33}"),
+]
+
+
+def graded_file(tmp_path) -> Path:
+    rows = [record(name, 0, j % 2, stapo.verify(text, gold), gold=gold, extracted=stapo.extract_boxed(text),
+                   completion=text) for j, (name, gold, text) in enumerate(GRADED)]  # fmt: skip
+    path = tmp_path / "generations.jsonl"
+    path.write_bytes(jsonl(*rows))
+    return path
+
+
+def test_grader_both_adds_math_verify_and_agreement(tmp_path, capsys):
+    pytest.importorskip("math_verify")
+    ev.main(["--score", str(graded_file(tmp_path)), "--grader", "both"])
+    results = json.loads((tmp_path / "generations.score-both.json").read_text())
+    got = {name: [results[name][k] for k in ("avg@2", "math_verify_avg@2", "agreement", "math_verify_timeouts")]
+           for name in ("aime24", "math500", "minerva")}  # fmt: skip
+    assert got == {"aime24": [0.5, 1.0, 0.5, 0], "math500": [0.0, 0.5, 0.5, 0], "minerva": [1.0, 0.5, 0.5, 0]}
+    table = capsys.readouterr().out
+    assert "| benchmark | problems | avg@k | math-verify avg@k | agreement | pass@1 |" in table
+    assert "| aime24 | 1 | 50.0 (k=2) | 100.0 | 50.0 | 50.0 |" in table
+
+    ev.main(["--score", str(graded_file(tmp_path)), "--grader", "math-verify"])  # its verdicts are now the avg@k
+    results = json.loads((tmp_path / "generations.score-math-verify.json").read_text())
+    assert [results[name]["avg@2"] for name in ("aime24", "math500", "minerva")] == [1.0, 0.5, 0.5]
+
+
+def test_math_verify_timeout_counts_as_wrong_and_is_reported(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("math_verify")
+    monkeypatch.setattr(ev, "MATH_VERIFY_SECONDS", 1)
+    path = tmp_path / "generations.jsonl"
+    tower = r"\boxed{9^{9^{9^{9}}}}"  # sympy would compute this number for hours
+    path.write_bytes(jsonl(record("aime24", 0, 0, False, gold="5", extracted=tower[7:-1], completion=tower)))
+    start = time.perf_counter()
+    ev.main(["--score", str(path), "--grader", "both"])
+    assert time.perf_counter() - start < 30
+    m = json.loads((tmp_path / "generations.score-both.json").read_text())["aime24"]
+    assert (m["math_verify_avg@1"], m["math_verify_timeouts"]) == (0.0, 1)
+    assert "| 1/0 |" in capsys.readouterr().out
