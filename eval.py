@@ -238,7 +238,7 @@ def math_verify_verdicts(rows: list[dict]) -> list[bool | str]:
 def read_generations(path: Path) -> tuple[list[dict], int]:
     """The records of a generations file and the byte length of its whole lines; SystemExit if it is not one."""
     if not path.is_file():
-        raise SystemExit(f"{path}: no such file")
+        raise SystemExit(f"{path}: not a file")
     objects, size = jsonl_objects(path, torn_tail_ok=True)
     seen = {}
     for n, r in objects:
@@ -394,7 +394,7 @@ PROBABILITY = number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="HF id, checkpoint folder, or 'tiny' (random CPU model)")
-    p.add_argument("--score", metavar="FILE", help="rebuild the table from a generations file (written beside it)")
+    p.add_argument("--score", metavar="FILE", help="score a generations file into <stem>.score-<grader>.md beside it")
     p.add_argument("--benchmarks", help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
     p.add_argument("--data-dir", help="folder of local jsonl copies (default: the Hub ids)")
     p.add_argument("--preset", choices=PRESETS, default="t1.0", help="t1.0: temperature 1.0, top-p 1.0; t0.7: 0.7/0.9")
