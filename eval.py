@@ -111,17 +111,20 @@ def load_benchmark(name: str, data_dir: str | Path | None = None) -> list[dict]:
         path = Path(data_dir) / bench.file
         if not path.is_file():
             raise SystemExit(f"{path} not found: --data-dir must hold {', '.join(b.file for b in BENCHMARKS.values())}")
-        where, rows = f"{path}: line", jsonl_objects(path)[0]
+        source, unit, rows = path, "line", jsonl_objects(path)[0]
     else:
         import datasets
 
-        where, rows = f"{bench.hub_id}: row", list(enumerate(datasets.load_dataset(bench.hub_id, split=bench.split)))
+        source, unit, rows = bench.hub_id, "row", enumerate(datasets.load_dataset(bench.hub_id, split=bench.split))
     examples = []
     for n, row in rows:
         example = benchmark_example(name, row)
         if example is None:
-            raise SystemExit(f"{where} {n}: no problem text or no usable answer (fields: {', '.join(sorted(row))})")
+            fields = ", ".join(sorted(row))
+            raise SystemExit(f"{source}: {unit} {n}: no problem text or no usable answer (fields: {fields})")
         examples.append(example)
+    if not examples:
+        raise SystemExit(f"{source}: no problems")
     return examples
 
 

@@ -96,13 +96,14 @@ AMC_ROW = {"id": 0, "problem": "p", "question": "p", "answer": 27.0, "url": "u"}
         (jsonl(AMC_ROW, {"id": 1, "problem": "p", "url": "u"}), r"line 2: no .* answer \(fields: id, problem, url\)"),
         (jsonl(AMC_ROW, {"id": 1, "problem": "p", "answer": "$ $"}), "line 2: no .* usable answer"),  # empty once $ go
         (jsonl(AMC_ROW, {"id": 1, "answer": 3}), "line 2: no problem text"),
+        (b"\n", "no problems"),  # was a ZeroDivisionError after loading the model
     ],
 )
 def test_malformed_benchmark_file_names_file_and_line(data_dir, tmp_path, amc23, error):
     (data_dir / "amc23.jsonl").write_bytes(amc23)
     with pytest.raises(SystemExit, match=error) as e:
         ev.main(eval_args(data_dir, tmp_path / "out", "--benchmarks", "amc23"))
-    assert str(e.value).startswith(f"{data_dir / 'amc23.jsonl'}: line 2: ")
+    assert str(e.value).startswith(f"{data_dir / 'amc23.jsonl'}: ") and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()  # checked before a run folder is made
 
 
