@@ -128,6 +128,25 @@ def load_benchmark(name: str, data_dir: str | Path | None = None) -> list[dict]:
     return examples
 
 
+def read_generations(path: Path) -> tuple[list[dict], int]:
+    """The records of a generations file and the byte length of its whole lines; SystemExit if it is not one."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: not a file")
+    objects, size = jsonl_objects(path, torn_tail_ok=True)
+    seen = {}
+    for n, r in objects:
+        bad = [k for k, kind in RECORD_FIELDS.items() if not isinstance(r.get(k, ...), kind)]
+        if bad:
+            raise SystemExit(f"{path}: line {n}: not a generation record of eval.py (missing or mistyped: {bad})")
+        if r["benchmark"] not in BENCHMARKS:
+            raise SystemExit(f"{path}: line {n}: unknown benchmark {r['benchmark']!r}; known: {', '.join(BENCHMARKS)}")
+        key = (r["benchmark"], r["problem_idx"], r["sample_idx"])
+        if key in seen:  # counting it twice would weigh one problem more than the others
+            raise SystemExit(f"{path}: line {n} repeats {key} of line {seen[key]}")
+        seen[key] = n
+    return [r for _, r in objects], size
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics
 
@@ -233,28 +252,9 @@ def math_verify_verdicts(rows: list[dict]) -> list[bool | str]:
             verdicts.append(mv.verify(golds[r["gold"]], pred, timeout_seconds=MATH_VERIFY_SECONDS, raise_on_error=True))
         except TimeoutException:  # a BaseException
             verdicts.append("timeout")
-        except Exception:  # LaTeX that sympy cannot take; math-verify itself calls it a miss, we count it too
+        except Exception:  # LaTeX it cannot take: a miss, as math-verify's own default has it, but counted
             verdicts.append("error")
     return verdicts
-
-
-def read_generations(path: Path) -> tuple[list[dict], int]:
-    """The records of a generations file and the byte length of its whole lines; SystemExit if it is not one."""
-    if not path.is_file():
-        raise SystemExit(f"{path}: not a file")
-    objects, size = jsonl_objects(path, torn_tail_ok=True)
-    seen = {}
-    for n, r in objects:
-        bad = [k for k, kind in RECORD_FIELDS.items() if not isinstance(r.get(k, ...), kind)]
-        if bad:
-            raise SystemExit(f"{path}: line {n}: not a generation record of eval.py (missing or mistyped: {bad})")
-        if r["benchmark"] not in BENCHMARKS:
-            raise SystemExit(f"{path}: line {n}: unknown benchmark {r['benchmark']!r}; known: {', '.join(BENCHMARKS)}")
-        key = (r["benchmark"], r["problem_idx"], r["sample_idx"])
-        if key in seen:  # counting it twice would weigh one problem more than the others
-            raise SystemExit(f"{path}: line {n} repeats {key} of line {seen[key]}")
-        seen[key] = n
-    return [r for _, r in objects], size
 
 
 def write_results(rows: list[dict], json_path: Path, md_path: Path, grader: str) -> str:
