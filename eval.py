@@ -2,23 +2,30 @@
 
 AIME24, AIME25, AMC23 with 32 samples per problem, MATH500, Minerva, OlympiadBench with 4.
 Prompt, generation and the verifier are those of stapo.py: one definition of "correct".
+`--grader math-verify` re-scores the same samples with HF's math-verify (optional package);
+`--grader both` adds its avg@k and the share of samples the two graders agree on.
 Reported per benchmark: avg@k (mean accuracy over the k samples, the paper's number), unbiased
 pass@k for k = 1, 2, 4, ..., the share of answers without \\boxed{}, mean length, truncation rate;
 and "Avg", the unweighted mean of the benchmarks' avg@k.
 
-Every sample is appended to generations.jsonl when its batch is done; rerunning the same command
-skips finished batches (each batch has its own seed, so the final table is the same as without
-the interruption). `--score FILE` rebuilds the table from a generations file without a model.
+Every sample is appended to <output-dir>/generations.jsonl when its batch is done; rerunning the
+same command skips finished batches (each batch has its own seed, so the final table is the same
+as without the interruption). A rerun with any other setting is refused (settings.json).
+`--score FILE` rebuilds the table from a generations file without a model, into
+<FILE stem>.score-<grader>.md/.json beside FILE, so it never overwrites a run's results.md.
 
     python eval.py --model runs/stapo/step-000200                # all six, from the Hub
     python eval.py --model tiny --data-dir ../shared/benchmarks --limit 5
-    python eval.py --score evals/step-000200_t1.0_p1.0/generations.jsonl
+    python eval.py --score evals/step-000200_t1.0_p1.0/generations.jsonl --grader both
 """
 
 import argparse
+import inspect
 import json
 import math
+import os
 import sys
+import time
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -47,31 +54,53 @@ BENCHMARKS = {
     "olympiadbench": Benchmark("math-ai/olympiadbench", "test", "olympiadbench.jsonl", 4),
 }
 PRESETS = {"t1.0": (1.0, 1.0), "t0.7": (0.7, 0.9)}  # (temperature, top-p): the paper's two settings
-SETTINGS_THAT_CHANGE_SAMPLES = (
-    "model",
-    "temperature",
-    "top_p",
-    "max_new_tokens",
-    "seed",
-    "prompt_format",
-    "batch_size",
-    "samples",
-)
+GRADERS = ("regex", "math-verify", "both")  # regex: stapo.verify, the reward of training
+MATH_VERIFY_SECONDS = 5  # per math-verify parse or compare call (its own default); a timeout counts as wrong
+RECORD_FIELDS = {"benchmark": str, "problem_idx": int, "sample_idx": int, "gold": str, "extracted": (str, type(None)),
+                 "correct": bool, "length": int, "truncated": bool, "completion": str}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
 
 
-def benchmark_example(name: str, row: dict) -> dict:
-    """A benchmark row -> {"problem", "answer"}, with each file's quirks undone."""
+def jsonl_objects(path: Path, torn_tail_ok: bool = False) -> tuple[list[tuple[int, dict]], int]:
+    """(line number, object) of each non-blank line and the byte length of the lines kept. Anything but one
+    JSON object per UTF-8 line is a one-line SystemExit naming file and line; with torn_tail_ok, a last line
+    that a kill during an append cut short (no newline, does not parse) is dropped with a warning instead."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")  # the last item is b"" when the file ends with a newline
+    objects = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            problem = f"not UTF-8 (byte {line[e.start]:#x} at column {e.start + 1})"
+        except json.JSONDecodeError as e:
+            problem = f"not JSON ({e.msg} at column {e.colno})"
+        else:
+            if isinstance(obj, dict):
+                objects.append((n, obj))
+                continue
+            problem = f"a JSON {type(obj).__name__}, not an object"
+        if torn_tail_ok and n == len(lines):
+            print(f"warning: {path}: line {n} is cut short (a crash while writing?); dropped", file=sys.stderr)
+            return objects, len(data) - len(line)
+        raise SystemExit(f"{path}: line {n}: {problem}")
+    return objects, len(data)
+
+
+def benchmark_example(name: str, row: dict) -> dict | None:
+    """A benchmark row -> {"problem", "answer"}, with each file's quirks undone; None without an answer."""
     example = stapo.row_to_example(row)  # problem/question; answer, final_answer[0], or Minerva's last \boxed{}
     if example is None:
-        raise ValueError(f"{name}: a row without a usable answer: {sorted(row)}")
+        return None
     if name == "aime25":  # "\frac" and "\triangle" lost their backslash to JSON escapes: \f, \t
         example["problem"] = example["problem"].replace("\x0c", "\\f").replace("\t", "\\t")
     example["answer"] = example["answer"].strip().strip("$").strip()  # OlympiadBench: $...$
-    return example
+    return example if example["answer"] else None
 
 
 def load_benchmark(name: str, data_dir: str | Path | None = None) -> list[dict]:
@@ -80,14 +109,42 @@ def load_benchmark(name: str, data_dir: str | Path | None = None) -> list[dict]:
     bench = BENCHMARKS[name]
     if data_dir is not None:
         path = Path(data_dir) / bench.file
-        if not path.exists():
+        if not path.is_file():
             raise SystemExit(f"{path} not found: --data-dir must hold {', '.join(b.file for b in BENCHMARKS.values())}")
-        rows = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+        source, unit, rows = path, "line", jsonl_objects(path)[0]
     else:
         import datasets
 
-        rows = list(datasets.load_dataset(bench.hub_id, split=bench.split))
-    return [benchmark_example(name, row) for row in rows]
+        source, unit, rows = bench.hub_id, "row", enumerate(datasets.load_dataset(bench.hub_id, split=bench.split))
+    examples = []
+    for n, row in rows:
+        example = benchmark_example(name, row)
+        if example is None:
+            fields = ", ".join(sorted(row))
+            raise SystemExit(f"{source}: {unit} {n}: no problem text or no usable answer (fields: {fields})")
+        examples.append(example)
+    if not examples:
+        raise SystemExit(f"{source}: no problems")
+    return examples
+
+
+def read_generations(path: Path) -> tuple[list[dict], int]:
+    """The records of a generations file and the byte length of its whole lines; SystemExit if it is not one."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: not a file")
+    objects, size = jsonl_objects(path, torn_tail_ok=True)
+    seen = {}
+    for n, r in objects:
+        bad = [k for k, kind in RECORD_FIELDS.items() if not isinstance(r.get(k, ...), kind)]
+        if bad:
+            raise SystemExit(f"{path}: line {n}: not a generation record of eval.py (missing or mistyped: {bad})")
+        if r["benchmark"] not in BENCHMARKS:
+            raise SystemExit(f"{path}: line {n}: unknown benchmark {r['benchmark']!r}; known: {', '.join(BENCHMARKS)}")
+        key = (r["benchmark"], r["problem_idx"], r["sample_idx"])
+        if key in seen:  # counting it twice would weigh one problem more than the others
+            raise SystemExit(f"{path}: line {n} repeats {key} of line {seen[key]}")
+        seen[key] = n
+    return [r for _, r in objects], size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,20 +158,21 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
-def score_rows(rows: list[dict]) -> dict:
-    """Per-benchmark metrics from generation records."""
+def score_rows(rows: list[dict], grader: str = "regex") -> dict:
+    """Per-benchmark metrics from generation records; with math-verify, its verdict is each r["math_verify"]."""
     results = {}
     for name in [b for b in BENCHMARKS if any(r["benchmark"] == b for r in rows)]:
         mine = [r for r in rows if r["benchmark"] == name]
+        correct = [r["math_verify"] is True if grader == "math-verify" else r["correct"] for r in mine]
         per_problem = defaultdict(list)
-        for r in mine:
-            per_problem[r["problem_idx"]].append(r["correct"])
+        for r, c in zip(mine, correct, strict=True):
+            per_problem[r["problem_idx"]].append(c)
         n = min(len(v) for v in per_problem.values())
         ks = [2**i for i in range(int(math.log2(n)) + 1)]
-        results[name] = {
+        m = results[name] = {
             "problems": len(per_problem),
             "samples": n,
-            f"avg@{n}": sum(r["correct"] for r in mine) / len(mine),
+            f"avg@{n}": sum(correct) / len(mine),
             **{
                 f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in per_problem.values()) / len(per_problem)
                 for k in ks
@@ -123,44 +181,90 @@ def score_rows(rows: list[dict]) -> dict:
             "mean_length": sum(r["length"] for r in mine) / len(mine),
             "truncated": sum(r["truncated"] for r in mine) / len(mine),
         }
-    avg_keys = [next(k for k in m if k.startswith("avg@")) for m in results.values()]
-    results["Avg"] = sum(m[k] for m, k in zip(results.values(), avg_keys, strict=True)) / max(1, len(results))
+        if grader == "both":
+            verdicts = [r["math_verify"] is True for r in mine]
+            m[f"math_verify_avg@{n}"] = sum(verdicts) / len(mine)
+            m["agreement"] = sum(a == b for a, b in zip(correct, verdicts, strict=True)) / len(mine)
+        if grader != "regex":
+            m["math_verify_timeouts"] = sum(r["math_verify"] == "timeout" for r in mine)
+            m["math_verify_errors"] = sum(r["math_verify"] == "error" for r in mine)
+    results["Avg"] = sum(m[f"avg@{m['samples']}"] for m in results.values()) / max(1, len(results))
+    results["grader"] = grader
     return results
 
 
 def markdown_table(results: dict) -> str:
-    ks = sorted({int(k[5:]) for m in results.values() if isinstance(m, dict) for k in m if k.startswith("pass@")})
-    head = ["benchmark", "problems", "avg@k", *[f"pass@{k}" for k in ks], "no box", "mean len", "truncated"]
+    benchmarks = {name: m for name, m in results.items() if isinstance(m, dict)}
+    grader = results.get("grader", "regex")
+    ks = sorted({int(k[5:]) for m in benchmarks.values() for k in m if k.startswith("pass@")})
+    both = ["math-verify avg@k", "agreement"] if grader == "both" else []
+    timeouts = ["math-verify timeouts/errors"] if grader != "regex" else []
+    head = ["benchmark", "problems", "avg@k", *both, *[f"pass@{k}" for k in ks], "no box", "mean len", "truncated",
+            *timeouts]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, m in results.items():
-        if name == "Avg":
-            continue
-        passes = [f"{100 * m[f'pass@{k}']:.1f}" if f"pass@{k}" in m else "" for k in ks]
+    for name, m in benchmarks.items():
         k = m["samples"]
-        avg = f"{100 * m[f'avg@{k}']:.1f} (k={k})"
-        row = [name, str(m["problems"]), avg, *passes, f"{100 * m['no_box']:.1f}", f"{m['mean_length']:.0f}",
-               f"{100 * m['truncated']:.1f}"]  # fmt: skip
+        row = [name, str(m["problems"]), f"{100 * m[f'avg@{k}']:.1f} (k={k})"]
+        if both:
+            row += [f"{100 * m[f'math_verify_avg@{k}']:.1f}", f"{100 * m['agreement']:.1f}"]
+        row += [f"{100 * m[f'pass@{k}']:.1f}" if f"pass@{k}" in m else "" for k in ks]
+        row += [f"{100 * m['no_box']:.1f}", f"{m['mean_length']:.0f}", f"{100 * m['truncated']:.1f}"]
+        if timeouts:
+            row.append(f"{m['math_verify_timeouts']}/{m['math_verify_errors']}")
         lines.append("| " + " | ".join(row) + " |")
-    lines.append(f"\nAvg (unweighted mean of avg@k over {len(results) - 1} benchmarks): {100 * results['Avg']:.1f}")
+    graded, avg = "regex" if grader == "both" else grader, 100 * results["Avg"]
+    lines.append(f"\nAvg (unweighted mean of avg@k over {len(benchmarks)} benchmarks, graded by {graded}): {avg:.1f}")
     return "\n".join(lines)
 
 
-def read_generations(path: Path) -> list[dict]:
-    """Records of a generations file; a line cut short by a crash is dropped."""
-    rows = []
-    for line in path.open(encoding="utf-8"):
+# ----------------------------------------------------------------------------------------------
+# math-verify (optional): a second opinion on the same samples
+
+
+def load_math_verify():
+    try:
+        import math_verify
+    except ImportError:
+        raise SystemExit("--grader math-verify/both needs the math-verify package: pip install math-verify") from None
+    if "raise_on_error" not in inspect.signature(math_verify.parse).parameters:  # 0.8 tells a timeout from a miss
+        raise SystemExit("--grader math-verify needs math-verify >= 0.8: pip install -U math-verify")
+    return math_verify
+
+
+def math_verify_verdicts(rows: list[dict]) -> list[bool | str]:
+    """math-verify's verdict on each record's completion against its gold: True, False, "timeout" or "error".
+    Each parse and compare call gets MATH_VERIFY_SECONDS, enforced by math-verify with SIGALRM (main thread
+    only, where this runs), which also stops a runaway sympy evaluation such as 9^{9^{9^9}}."""
+    mv = load_math_verify()
+    from math_verify.errors import TimeoutException
+
+    print(f"math-verify: grading {len(rows)} samples", flush=True)
+
+    def parse(text: str) -> list:
+        return mv.parse(text, parsing_timeout=MATH_VERIFY_SECONDS, raise_on_error=True)
+
+    golds, verdicts = {}, []
+    for r in tqdm(rows, desc="math-verify", disable=None):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+            if r["gold"] not in golds:
+                golds[r["gold"]] = parse(f"\\boxed{{{r['gold']}}}")  # boxed, as the model is asked to answer
+            pred = parse(r["completion"])
+            verdicts.append(mv.verify(golds[r["gold"]], pred, timeout_seconds=MATH_VERIFY_SECONDS, raise_on_error=True))
+        except TimeoutException:  # a BaseException
+            verdicts.append("timeout")
+        except Exception:  # LaTeX it cannot take: a miss, as math-verify's own default has it, but counted
+            verdicts.append("error")
+    return verdicts
 
 
-def write_results(rows: list[dict], out_dir: Path) -> str:
-    results = score_rows(rows)
+def write_results(rows: list[dict], json_path: Path, md_path: Path, grader: str) -> str:
+    if grader != "regex":
+        for r, verdict in zip(rows, math_verify_verdicts(rows), strict=True):
+            r["math_verify"] = verdict
+    results = score_rows(rows, grader)
     table = markdown_table(results)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "results.md").write_text(table + "\n")
+    json_path.write_text(json.dumps(results, indent=2))
+    md_path.write_text(table + "\n")
     return table
 
 
@@ -172,23 +276,40 @@ def batch_seed(seed: int, name: str, batch: int) -> int:
     return zlib.crc32(f"{seed}/{name}/{batch}".encode())
 
 
-def open_run(out_dir: Path, settings: dict) -> tuple[Path, set]:
-    """The generations file of out_dir and the (benchmark, problem, sample) keys it already holds."""
+def replace_atomically(path: Path, data: bytes):
+    """Write aside, then rename: a kill leaves the old file or the new one, never a half-written one."""
+    tmp = path.with_name(f".{path.name}.tmp")  # same folder, so os.replace is a rename, not a copy
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def open_run(out_dir: Path, settings: dict) -> tuple[Path, dict]:
+    """The generations file of out_dir and {(benchmark, problem, sample): correct} of what it already holds."""
     out_dir.mkdir(parents=True, exist_ok=True)
     settings_path, gen_path = out_dir / "settings.json", out_dir / "generations.jsonl"
     if settings_path.exists():
         saved = json.loads(settings_path.read_text())
-        changed = [k for k in SETTINGS_THAT_CHANGE_SAMPLES if saved.get(k) != settings[k]]
+        changed = "; ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v)
         if changed:
-            raise SystemExit(f"{out_dir} holds samples made with other {changed}: pick another --output-dir")
+            raise SystemExit(f"{out_dir} holds a run with other settings ({changed}): pick another --output-dir")
     settings_path.write_text(json.dumps(settings, indent=2))
-    done = read_generations(gen_path) if gen_path.exists() else []
-    gen_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))  # drop a torn last line
-    return gen_path, {(r["benchmark"], r["problem_idx"], r["sample_idx"]) for r in done}
+    if not gen_path.exists():
+        return gen_path, {}
+    done, whole = read_generations(gen_path)
+    data = gen_path.read_bytes()
+    if data and not data.endswith(b"\n"):  # a kill during an append: drop the torn line, or end a whole one
+        replace_atomically(gen_path, data[:whole] if whole < len(data) else data + b"\n")
+    return gen_path, {(r["benchmark"], r["problem_idx"], r["sample_idx"]): r["correct"] for r in done}
 
 
-def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, args, cfg, gen_path: Path, have: set):
-    """k samples of every problem, in fixed seeded batches; batches already on file are skipped."""
+def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, args, cfg, gen_path: Path, have: dict):
+    """k samples of every problem, in fixed seeded batches; batches already in `have` are skipped, new ones added."""
     prompts = [stapo.encode_prompt(e["problem"], tokenizer, args.prompt_format) for e in examples]
     items = [(i, j) for i in range(len(examples)) for j in range(k)]
     batches = [items[b : b + args.batch_size] for b in range(0, len(items), args.batch_size)]
@@ -210,54 +331,89 @@ def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, 
                             "length": len(ids), "truncated": bool(rollouts.truncated[row]),
                             "completion": text})  # fmt: skip
         stapo.append_jsonl(gen_path, records)
+        have |= {(name, r["problem_idx"], r["sample_idx"]): r["correct"] for r in records}
         bar.update(len(batch))
     bar.close()
     return {(name, i, j) for i, j in items}
 
 
 def evaluate(args) -> str:
-    temperature, top_p = PRESETS[args.preset]
-    temperature = args.temperature if args.temperature is not None else temperature
-    top_p = args.top_p if args.top_p is not None else top_p
+    preset_temperature, preset_top_p = PRESETS[args.preset]
+    temperature, top_p = args.temperature or preset_temperature, args.top_p or preset_top_p  # both > 0 if given
     names = args.benchmarks.split(",") if args.benchmarks else list(BENCHMARKS)
     for name in names:
         if name not in BENCHMARKS:
             raise SystemExit(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    if args.grader != "regex":
+        load_math_verify()  # missing: say so now, not after hours of sampling
+    device = stapo.resolve_device(stapo.Config(device=args.device))
+    # Everything that changes a sample or a score. The KV budget is here because it sets how a batch splits
+    # into generate calls, and the device type because "auto" precision and the kernels depend on it.
+    data = str(Path(args.data_dir).resolve()) if args.data_dir else "hub"
     settings = {"model": args.model, "temperature": temperature, "top_p": top_p, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "prompt_format": args.prompt_format, "batch_size": args.batch_size,
-                "samples": args.samples, "data": args.data_dir or "hub"}  # fmt: skip
+                "samples": args.samples, "limit": args.limit, "data": data, "precision": args.precision,
+                "device": device.type, "kv_cache_gb": args.kv_cache_gb, "grader": args.grader}  # fmt: skip
     out_dir = Path(args.output_dir or f"evals/{Path(args.model).name}_t{temperature}_p{top_p}")
+    benchmarks = {name: load_benchmark(name, args.data_dir)[: args.limit] for name in names}  # bad files fail here
     gen_path, have = open_run(out_dir, settings)
+    print(f"eval: writing to {out_dir.resolve()}", flush=True)  # flushed: a batch job's log shows it at once
 
-    model, tokenizer = stapo.load_policy(args.model, stapo.resolve_device(stapo.Config(device=args.device)))
+    model, tokenizer = stapo.load_policy(args.model, device)
     cfg = stapo.Config(temperature=temperature, top_p=top_p, max_new_tokens=args.max_new_tokens,
                        kv_cache_gb=args.kv_cache_gb, precision=args.precision)  # fmt: skip
     wanted = set()
-    for name in names:
-        examples = load_benchmark(name, args.data_dir)[: args.limit]
-        k = args.samples or BENCHMARKS[name].samples
-        wanted |= sample_benchmark(model, tokenizer, name, examples, k, args, cfg, gen_path, have)
-    rows = [r for r in read_generations(gen_path) if (r["benchmark"], r["problem_idx"], r["sample_idx"]) in wanted]
-    return write_results(rows, out_dir)
+    for name, examples in benchmarks.items():
+        k, start = args.samples or BENCHMARKS[name].samples, time.perf_counter()  # samples None: the paper's number
+        keys = sample_benchmark(model, tokenizer, name, examples, k, args, cfg, gen_path, have)
+        wanted |= keys
+        avg = sum(have[key] for key in keys) / len(keys)
+        print(f"{name} | {len(examples)} problems x {k} samples | avg@{k} {100 * avg:.1f} (regex) | "
+              f"{time.perf_counter() - start:.0f}s", flush=True)  # fmt: skip
+    rows = [r for r in read_generations(gen_path)[0] if (r["benchmark"], r["problem_idx"], r["sample_idx"]) in wanted]
+    return write_results(rows, out_dir / "results.json", out_dir / "results.md", args.grader)
+
+
+def number(kind, allowed: str, ok):
+    """An argparse type that refuses, by value and rule, what argparse would let through (-29, 0, nan, 1.5)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: give {allowed}")
+        return value
+
+    return parse
+
+
+COUNT = number(int, "a whole number >= 1", lambda v: v >= 1)
+POSITIVE = number(float, "a number > 0", lambda v: 0 < v < math.inf)
+PROBABILITY = number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="HF id, checkpoint folder, or 'tiny' (random CPU model)")
-    p.add_argument("--score", metavar="FILE", help="only rebuild the table from a generations.jsonl")
+    p.add_argument("--score", metavar="FILE", help="score a generations file into <stem>.score-<grader>.md beside it")
     p.add_argument("--benchmarks", help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
     p.add_argument("--data-dir", help="folder of local jsonl copies (default: the Hub ids)")
     p.add_argument("--preset", choices=PRESETS, default="t1.0", help="t1.0: temperature 1.0, top-p 1.0; t0.7: 0.7/0.9")
-    p.add_argument("--temperature", type=float, help="overrides the preset")
-    p.add_argument("--top-p", type=float, help="overrides the preset")
-    p.add_argument("--samples", type=int, help="samples per problem (default: the paper's 32 or 4)")
-    p.add_argument("--max-new-tokens", type=int, help="response cap (default: the paper's 20,480; 64 for tiny)")
-    p.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per seeded generation batch")
-    p.add_argument("--kv-cache-gb", type=float, default=16.0, help="KV-cache budget of one generate call")
+    p.add_argument("--temperature", type=POSITIVE, help="overrides the preset")
+    p.add_argument("--top-p", type=PROBABILITY, help="overrides the preset")
+    p.add_argument("--samples", type=COUNT, help="samples per problem (default: the paper's 32 or 4)")
+    p.add_argument("--max-new-tokens", type=COUNT, help="response cap (default: the paper's 20,480; 64 for tiny)")
+    p.add_argument("--limit", type=COUNT, help="only the first N problems of each benchmark")
+    p.add_argument("--batch-size", type=COUNT, default=64, help="sequences per seeded generation batch")
+    p.add_argument("--kv-cache-gb", type=POSITIVE, default=16.0, help="KV-cache budget of one generate call")
     p.add_argument("--prompt-format", choices=("chat", "plain"), default="chat", help="as in training")
-    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16-autocast")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16-autocast"), default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")  # fmt: skip
+    grader_help = "regex: stapo.py's verifier; math-verify (pip install math-verify); both: regex + agreement"
+    p.add_argument("--grader", choices=GRADERS, default="regex", help=grader_help)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", help="default: evals/<model>_t<temperature>_p<top-p>")
     args = p.parse_args(argv)
@@ -271,10 +427,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.score:
-        path = Path(args.score)
-        if not path.exists():
-            raise SystemExit(f"--score {path}: no such file")
-        print(write_results(read_generations(path), path.parent))
+        path = Path(args.score)  # the tables go beside it under its own name: a run's results.md stays as it is
+        rows = read_generations(path)[0]
+        if not rows:
+            raise SystemExit(f"{path}: no records: not a generations file of eval.py")
+        out = f"{path.stem}.score-{args.grader}"
+        print(write_results(rows, path.with_name(f"{out}.json"), path.with_name(f"{out}.md"), args.grader))
     else:
         print(evaluate(args))
 

@@ -1,0 +1,400 @@
+"""Tests for eval.py on CPU with a tiny random Qwen3: `pytest -q test_eval.py`."""
+
+import itertools
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import eval as ev
+import stapo
+
+QUIRKY_ROWS = {
+    "aime24": [{"id": 60, "problem": "p0", "question": "p0", "solution": "s", "answer": "025", "url": "u"},
+               {"id": 61, "problem": "p1", "question": "p1", "solution": "s", "answer": "204", "url": "u"}],
+    "aime25": [{"problem": "Find \x0crac{1}{2} of \triangle ABC.", "answer": "7"}, {"problem": "q", "answer": "8"}],
+    "amc23": [{"id": 0, "problem": "p", "question": "p", "answer": 27.0, "url": "u"},
+              {"id": 1, "problem": "p", "question": "p", "answer": -1.0, "url": "u"}],
+    "math500": [{"problem": "p", "solution": r"\boxed{\frac{1}{2}}", "answer": r"\frac{1}{2}", "subject": "s",
+                 "level": 1, "unique_id": "a"},
+                {"problem": "p", "solution": r"\boxed{3}", "answer": "3", "subject": "s", "level": 1,
+                 "unique_id": "b"}],
+    "minerva": [{"problem": "p", "solution": r"First \boxed{1}, then \boxed{4.5e33}.", "type": "t", "idx": 0},
+                {"problem": "p", "solution": r"\boxed{0.49}", "type": "t", "idx": 1}],
+    "olympiadbench": [{"id": 1, "question": "p", "final_answer": ["$2n-2$"], "is_multiple_answer": False},
+                      {"id": 2, "question": "p", "final_answer": ["2"], "is_multiple_answer": False}],
+}  # fmt: skip
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    for name, rows in QUIRKY_ROWS.items():
+        (folder / ev.BENCHMARKS[name].file).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def jsonl(*rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def record(benchmark: str, problem: int, sample: int, correct: bool = True, **fields) -> dict:
+    """A generation record as eval.py writes it."""
+    return {"benchmark": benchmark, "problem_idx": problem, "sample_idx": sample, "gold": "1",
+            "extracted": "1" if correct else "2", "correct": correct, "length": 10, "truncated": False,
+            "completion": f"\\boxed{{{1 if correct else 2}}}", **fields}  # fmt: skip
+
+
+TORN = b'{"benchmark": "aime24", "problem_idx": 0, "sam'  # what a kill during an append leaves
+
+
+def eval_args(data_dir, out, *extra):
+    return ["--model", "tiny", "--data-dir", str(data_dir), "--samples", "3", "--max-new-tokens", "12",
+            "--batch-size", "4", "--output-dir", str(out), *extra]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark files
+
+
+@pytest.mark.parametrize(
+    ("name", "index", "problem", "answer"),
+    [
+        ("aime24", 0, "p0", "025"),  # zero-padded gold kept; the verifier compares it as 25
+        ("aime25", 0, "Find \\frac{1}{2} of \\triangle ABC.", "7"),  # eaten \f and \t escapes restored
+        ("amc23", 0, "p", "27"),  # float gold 27.0
+        ("amc23", 1, "p", "-1"),  # negative float gold
+        ("minerva", 0, "p", "4.5e33"),  # no answer field: the last \boxed{} of the solution
+        ("olympiadbench", 0, "p", "2n-2"),  # list-valued final_answer, $ stripped
+    ],
+)
+def test_benchmark_quirks(data_dir, name, index, problem, answer):
+    example = ev.load_benchmark(name, data_dir)[index]
+    assert example == {"problem": problem, "answer": answer}
+    assert stapo.verify(f"\\boxed{{{answer}}}", QUIRKY_ROWS[name][index].get("answer", answer))
+
+
+def test_unknown_benchmark_lists_the_known_ones():
+    with pytest.raises(SystemExit, match="unknown benchmark 'gsm8k'; known: aime24, aime25"):
+        ev.main(["--model", "tiny", "--benchmarks", "gsm8k"])
+
+
+AMC_ROW = {"id": 0, "problem": "p", "question": "p", "answer": 27.0, "url": "u"}
+
+
+@pytest.mark.parametrize(
+    ("amc23", "error"),
+    [
+        (jsonl(AMC_ROW) + b'{"id": 1, "problem": "p",\n', "line 2: not JSON"),
+        (jsonl(AMC_ROW) + '{"problem": "caf\xe9"}\n'.encode("latin-1"), r"line 2: not UTF-8 \(byte 0xe9 at col"),
+        (jsonl(AMC_ROW, ["p", 3]), "line 2: a JSON list, not an object"),
+        (jsonl(AMC_ROW, {"id": 1, "problem": "p", "url": "u"}), r"line 2: no .* answer \(fields: id, problem, url\)"),
+        (jsonl(AMC_ROW, {"id": 1, "problem": "p", "answer": "$ $"}), "line 2: no .* usable answer"),  # empty once $ go
+        (jsonl(AMC_ROW, {"id": 1, "answer": 3}), "line 2: no problem text"),
+        (b"\n", "no problems"),  # was a ZeroDivisionError after loading the model
+    ],
+)
+def test_malformed_benchmark_file_names_file_and_line(data_dir, tmp_path, amc23, error):
+    (data_dir / "amc23.jsonl").write_bytes(amc23)
+    with pytest.raises(SystemExit, match=error) as e:
+        ev.main(eval_args(data_dir, tmp_path / "out", "--benchmarks", "amc23"))
+    assert str(e.value).startswith(f"{data_dir / 'amc23.jsonl'}: ") and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()  # checked before a run folder is made
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and --score
+
+
+@pytest.mark.parametrize(("n", "c"), [(1, 0), (1, 1), (4, 1), (4, 2), (5, 3), (6, 0), (6, 6)])
+def test_pass_at_k_matches_enumeration(n, c):
+    outcomes = [True] * c + [False] * (n - c)
+    for k in range(1, n + 1):
+        subsets = list(itertools.combinations(outcomes, k))
+        assert ev.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+
+
+def test_score_a_handwritten_generations_file(tmp_path, capsys):
+    # aime24: problem 0 right in 1 of 4 samples, problem 1 in 2 of 4; math500: one problem, 2 samples, no box once
+    outcomes = {0: [1, 0, 0, 0], 1: [1, 1, 0, 0]}
+    rows = [record("aime24", p, j, bool(c)) for p, cs in outcomes.items() for j, c in enumerate(cs)]
+    rows += [record("math500", 0, 0, True, length=4),
+             record("math500", 0, 1, False, extracted=None, length=8, truncated=True)]  # fmt: skip
+    path = tmp_path / "generations.jsonl"
+    path.write_bytes(jsonl(*rows))
+    ev.main(["--score", str(path)])
+    results = json.loads((tmp_path / "generations.score-regex.json").read_text())
+    aime = results["aime24"]
+    assert aime["avg@4"] == 3 / 8
+    assert aime["pass@1"] == pytest.approx((1 / 4 + 2 / 4) / 2)
+    assert aime["pass@2"] == pytest.approx(((1 - 3 / 6) + (1 - 1 / 6)) / 2)  # 1 - C(3,2)/C(4,2), 1 - C(2,2)/C(4,2)
+    assert aime["pass@4"] == 1.0
+    m = results["math500"]
+    assert (m["avg@2"], m["pass@2"], m["no_box"], m["mean_length"], m["truncated"]) == (0.5, 1.0, 0.5, 6, 0.5)
+    assert results["Avg"] == pytest.approx((3 / 8 + 1 / 2) / 2)
+    assert "| aime24 | 2 | 37.5 (k=4) | 37.5 | 66.7 | 100.0 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (b"", "no records: not a generations file of eval.py"),  # empty: was "Avg 0.0", exit 0
+        (b"\n\n", "no records"),  # blank lines only
+        (TORN, "no records"),  # the only line is torn: nothing is left to score
+        (b"benchmark,problem_idx,correct\naime24,0,1\n", "line 1: not JSON"),  # a CSV
+        (b"\x89PNG\r\n\x1a\n\x00\x00", r"line 1: not UTF-8 \(byte 0x89"),  # a binary file
+        (jsonl({"problem": "p", "answer": "1"}), r"line 1: not a generation record .*\['benchmark', 'problem_idx'"),
+        (jsonl(record("aime24", 0, 0), [1, 2]), "line 2: a JSON list, not an object"),
+        (jsonl(record("gsm8k", 0, 0)), "line 1: unknown benchmark 'gsm8k'"),
+        (jsonl(record("aime24", 0, 0, correct="yes")), r"line 1: .*mistyped: \['correct'\]"),
+        (jsonl(record("aime24", 0, 0)) + TORN + b"\n" + jsonl(record("aime24", 0, 1)), "line 2: not JSON"),  # mid-file
+    ],
+)
+def test_score_rejects_what_is_not_a_generations_file(tmp_path, content, error):
+    path = tmp_path / "generations.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit, match=error) as e:
+        ev.main(["--score", str(path)])
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == [path]  # no tables written
+
+
+def test_score_refuses_a_sample_written_twice(tmp_path):
+    path = tmp_path / "generations.jsonl"
+    path.write_bytes(jsonl(record("aime24", 0, 0, True), record("aime24", 0, 1, False), record("aime24", 0, 0, True)))
+    with pytest.raises(SystemExit, match=r"line 3 repeats \('aime24', 0, 0\) of line 1"):  # was counted twice
+        ev.main(["--score", str(path)])
+
+
+def test_score_drops_a_torn_last_line_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "generations.jsonl"
+    path.write_bytes(jsonl(record("aime24", 0, 0, True), record("aime24", 0, 1, False)) + TORN)
+    ev.main(["--score", str(path)])
+    assert f"warning: {path}: line 3 is cut short" in capsys.readouterr().err
+    assert json.loads((tmp_path / "generations.score-regex.json").read_text())["aime24"]["avg@2"] == 0.5
+
+
+def test_score_writes_beside_its_input_without_touching_the_runs_results(tmp_path, capsys):
+    (tmp_path / "results.md").write_text("a run made with other settings\n")
+    path = tmp_path / "generations.jsonl"
+    path.write_bytes(jsonl(record("aime24", 0, 0)))
+    ev.main(["--score", str(path)])
+    assert (tmp_path / "results.md").read_text() == "a run made with other settings\n"
+    assert (tmp_path / "generations.score-regex.md").read_text() == capsys.readouterr().out
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        "generations.jsonl", "generations.score-regex.json", "generations.score-regex.md", "results.md"]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: resume, settings, progress
+
+
+def test_eval_run_then_interrupted_run_resumes_to_the_same_table(data_dir, tmp_path):
+    table = ev.main(eval_args(data_dir, tmp_path / "full")) or (tmp_path / "full" / "results.md").read_text()
+    full = (tmp_path / "full" / "generations.jsonl").read_text().splitlines()
+    assert len(full) == 6 * 2 * 3 and "| olympiadbench | 2 |" in table
+    assert json.loads((tmp_path / "full" / "results.json").read_text())["aime24"]["samples"] == 3
+
+    # a crash after 10 samples, the last line torn in half
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "generations.jsonl").write_text("\n".join(full[:10]) + "\n" + full[10][:30])
+    ev.main(eval_args(data_dir, tmp_path / "cut"))
+    resumed = (tmp_path / "cut" / "generations.jsonl").read_text().splitlines()
+    key = lambda r: (r["benchmark"], r["problem_idx"], r["sample_idx"])  # noqa: E731
+    assert len(resumed) == len(full) and len({key(json.loads(r)) for r in resumed}) == len(full)
+    assert sorted(resumed) == sorted(full)  # same samples, so the same table
+    assert (tmp_path / "cut" / "results.md").read_text() == (tmp_path / "full" / "results.md").read_text()
+
+
+A, B = record("aime24", 0, 0), record("aime24", 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (jsonl(A, B), jsonl(A, B)),  # whole: left alone
+        (jsonl(A) + TORN, jsonl(A)),  # torn last line: dropped
+        (jsonl(A) + json.dumps(B).encode(), jsonl(A, B)),  # cut between "}" and its newline: the record stays
+        (TORN, b""),  # killed during the first append
+        (b"", b""),  # killed before it
+    ],
+)
+def test_resume_keeps_whole_records_and_drops_a_torn_line(tmp_path, before, after):
+    (tmp_path / "generations.jsonl").write_bytes(before)
+    gen_path, have = ev.open_run(tmp_path, {"model": "tiny"})
+    assert gen_path.read_bytes() == after
+    kept = [json.loads(line) for line in after.splitlines()]
+    assert have == {(r["benchmark"], r["problem_idx"], r["sample_idx"]): r["correct"] for r in kept}
+
+
+def test_a_crash_while_dropping_a_torn_line_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    def crash(src, dst):
+        raise OSError("disk gone")  # the moment the old code had truncated the file and not yet rewritten it
+
+    (tmp_path / "generations.jsonl").write_bytes(jsonl(A, B) + TORN)
+    monkeypatch.setattr(ev.os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        ev.open_run(tmp_path, {"model": "tiny"})
+    assert (tmp_path / "generations.jsonl").read_bytes() == jsonl(A, B) + TORN
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["generations.jsonl", "settings.json"]  # no temp file left
+
+    (tmp_path / "generations.jsonl").write_bytes(jsonl(A, B))
+    assert ev.open_run(tmp_path, {"model": "tiny"})[1] == {("aime24", 0, 0): True, ("aime24", 0, 1): True}  # no rewrite
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """An amc23 run of 2 problems x 3 samples, and the data folder it read."""
+    folder = tmp_path_factory.mktemp("first")
+    (folder / "bench").mkdir()
+    (folder / "bench" / "amc23.jsonl").write_bytes(jsonl(*QUIRKY_ROWS["amc23"]))
+    ev.main(eval_args(folder / "bench", folder / "run", "--benchmarks", "amc23"))
+    return folder / "bench", folder / "run"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "setting"),
+    [
+        ("--model", "Qwen/Qwen3-1.7B", "model"),
+        ("--preset", "t0.7", "temperature"),
+        ("--temperature", "0.5", "temperature"),
+        ("--top-p", "0.9", "top_p"),
+        ("--max-new-tokens", "8", "max_new_tokens"),
+        ("--seed", "1", "seed"),
+        ("--prompt-format", "plain", "prompt_format"),
+        ("--batch-size", "2", "batch_size"),
+        ("--samples", "2", "samples"),
+        ("--limit", "1", "limit"),  # a shorter last batch samples differently
+        ("--data-dir", "copy", "data"),  # the same files in another folder: maybe not the same files next time
+        ("--precision", "bf16-autocast", "precision"),
+        ("--device", "cuda", "device"),  # refused before any model is loaded, so no GPU is needed
+        ("--kv-cache-gb", "0.001", "kv_cache_gb"),  # splits a batch into more generate calls
+        ("--grader", "both", "grader"),  # the same samples, but results.md would change its meaning
+    ],
+)
+def test_eval_refuses_to_mix_settings(first_run, tmp_path, flag, value, setting):
+    if flag == "--grader":
+        pytest.importorskip("math_verify")  # installed in CI; without it the run stops earlier, at the import
+    bench, run = first_run
+    shutil.copytree(run, tmp_path / "run")
+    if value == "copy":
+        value = str(shutil.copytree(bench, tmp_path / "bench"))
+    with pytest.raises(SystemExit, match=rf"holds a run with other settings \({setting} .* -> .*\): pick another"):
+        ev.main(eval_args(bench, tmp_path / "run", "--benchmarks", "amc23", flag, value))
+    assert (tmp_path / "run" / "settings.json").read_text() == (run / "settings.json").read_text()
+
+
+def test_eval_says_where_it_writes_then_one_line_per_finished_benchmark(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a relative --output-dir is reported as an absolute path
+    ev.main(eval_args(data_dir, "run", "--benchmarks", "amc23,aime24"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"eval: writing to {(tmp_path / 'run').resolve()}"
+    records = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    for line, name in zip(out[1:3], ["amc23", "aime24"], strict=True):
+        avg = 100 * sum(r["correct"] for r in records if r["benchmark"] == name) / 6
+        assert re.fullmatch(rf"{name} \| 2 problems x 3 samples \| avg@3 {avg:.1f} \(regex\) \| \d+s", line)
+    assert out[3].startswith("| benchmark | problems | avg@k |")
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "allowed"),
+    [
+        ("--limit", "-29", "give a whole number >= 1"),  # was "all but the last 29 problems"
+        ("--limit", "0", "give a whole number >= 1"),
+        ("--samples", "0", "give a whole number >= 1"),  # was the paper's 32 or 4
+        ("--samples", "2.5", "give a whole number >= 1"),
+        ("--batch-size", "0", "give a whole number >= 1"),
+        ("--max-new-tokens", "-1", "give a whole number >= 1"),
+        ("--temperature", "0", "give a number > 0"),
+        ("--temperature", "nan", "give a number > 0"),
+        ("--kv-cache-gb", "inf", "give a number > 0"),
+        ("--top-p", "0", "give a number in (0, 1]"),
+        ("--top-p", "1.5", "give a number in (0, 1]"),
+        ("--precision", "bf16", "invalid choice: 'bf16'"),  # was a silent fp32 run
+    ],
+)
+def test_flags_refuse_values_outside_their_range(capsys, flag, value, allowed):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", "tiny", flag, value])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and f"error: argument {flag}: " in err and value in err and allowed in err
+
+
+def test_help_lists_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(choices in out for choices in ("{auto,fp32,bf16-autocast}", "{regex,math-verify,both}", "{chat,plain}"))
+
+
+# ----------------------------------------------------------------------------------------------
+# --grader math-verify / both
+
+
+@pytest.mark.parametrize("grader", ["math-verify", "both"])
+def test_grader_without_the_package_says_how_to_install_it(data_dir, tmp_path, monkeypatch, grader):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # what `import math_verify` meets when it is not installed
+    path = tmp_path / "generations.jsonl"
+    path.write_bytes(jsonl(record("aime24", 0, 0)))
+    with pytest.raises(SystemExit, match="pip install math-verify"):
+        ev.main(["--score", str(path), "--grader", grader])
+    with pytest.raises(SystemExit, match="pip install math-verify"):
+        ev.main(eval_args(data_dir, tmp_path / "run", "--grader", grader))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["bench", "generations.jsonl"]  # nothing written, no run
+
+
+GRADED = [  # (benchmark, gold, completion): per benchmark, the graders agree on one sample and not the other
+    ("aime24", "1", r"\boxed{1}"),
+    ("aime24", "1", "The answer is $1$."),  # math-verify also reads answers outside \boxed{}
+    ("math500", "2", r"\boxed{\sqrt{4}}"),  # math-verify evaluates; the regex verifier compares forms
+    ("math500", "2", r"\boxed{3}"),
+    ("minerva", "4.5e33", r"\boxed{4.5 \times 10^{33}}"),  # math-verify reads the gold's e as Euler's number
+    ("minerva", "4.5e33", r"\boxed{4.5e33}"),
+]
+
+
+def graded_file(tmp_path) -> Path:
+    rows = [record(name, 0, j % 2, stapo.verify(text, gold), gold=gold, extracted=stapo.extract_boxed(text),
+                   completion=text) for j, (name, gold, text) in enumerate(GRADED)]  # fmt: skip
+    path = tmp_path / "generations.jsonl"
+    path.write_bytes(jsonl(*rows))
+    return path
+
+
+def test_grader_both_adds_math_verify_and_agreement(tmp_path, capsys):
+    pytest.importorskip("math_verify")
+    ev.main(["--score", str(graded_file(tmp_path)), "--grader", "both"])
+    results = json.loads((tmp_path / "generations.score-both.json").read_text())
+    got = {name: [results[name][k] for k in ("avg@2", "math_verify_avg@2", "agreement", "math_verify_timeouts")]
+           for name in ("aime24", "math500", "minerva")}  # fmt: skip
+    assert got == {"aime24": [0.5, 1.0, 0.5, 0], "math500": [0.0, 0.5, 0.5, 0], "minerva": [1.0, 0.5, 0.5, 0]}
+    table = capsys.readouterr().out
+    assert "| benchmark | problems | avg@k | math-verify avg@k | agreement | pass@1 |" in table
+    assert "| aime24 | 1 | 50.0 (k=2) | 100.0 | 50.0 | 50.0 |" in table
+
+    ev.main(["--score", str(graded_file(tmp_path)), "--grader", "math-verify"])  # its verdicts are now the avg@k
+    results = json.loads((tmp_path / "generations.score-math-verify.json").read_text())
+    assert [results[name]["avg@2"] for name in ("aime24", "math500", "minerva")] == [1.0, 0.5, 0.5]
+
+
+def test_math_verify_timeout_counts_as_wrong_and_is_reported(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("math_verify")
+    monkeypatch.setattr(ev, "MATH_VERIFY_SECONDS", 1)
+    path = tmp_path / "generations.jsonl"
+    tower = r"\boxed{9^{9^{9^{9}}}}"  # sympy would try to compute this number and never finish
+    path.write_bytes(jsonl(record("aime24", 0, 0, False, gold="5", extracted=tower[7:-1], completion=tower)))
+    start = time.perf_counter()
+    ev.main(["--score", str(path), "--grader", "both"])
+    assert time.perf_counter() - start < 15  # 1 s of timeout, the rest is a loaded machine
+    m = json.loads((tmp_path / "generations.score-both.json").read_text())["aime24"]
+    assert (m["math_verify_avg@1"], m["math_verify_timeouts"]) == (0.0, 1)
+    assert "| 1/0 |" in capsys.readouterr().out
