@@ -190,12 +190,14 @@ def s2t_select(logp, entropy, advantages, completion_mask, tau_p: float = 0.002,
     All inputs are (B, T) except advantages (B,); p and H come from the policy at the start of the
     mini-batch, without gradient.
     """
+    # STAPO: candidates are the unlikely tokens of correct answers
     candidates = (advantages[:, None] > 0) & completion_mask & (logp.exp() < tau_p)  # (B, T)
-    pool = all_cat(entropy[candidates].float())  # (|C|,) STAPO: the candidates only, of the whole mini-batch
+    # STAPO: tau_h comes from the candidates only, of the whole mini-batch (all ranks under torchrun)
+    pool = all_cat(entropy[candidates].float())  # (|C|,)
     if pool.numel() < 2:  # an empty or single-element C masks nothing (and quantile needs two)
         return S2T(torch.zeros_like(candidates), pool.numel(), None)
     tau_h = torch.quantile(pool, q).item()  # linear interpolation
-    return S2T(candidates & (entropy < tau_h), pool.numel(), tau_h)  # (B, T), strict
+    return S2T(candidates & (entropy < tau_h), pool.numel(), tau_h)  # (B, T)  # STAPO: H strictly below
 
 
 def s2t_mask(logp, entropy, advantages, completion_mask, tau_p: float = 0.002, q: float = 0.75) -> torch.Tensor:
@@ -247,15 +249,15 @@ def policy_loss(logp, old_logp, advantages, keep, num_kept, eps_low: float = 0.2
     """
     log_ratio = torch.where(keep, logp - old_logp, 0.0)  # (B, T); 0 where dropped: no inf * 0
     surrogate, _ = clipped_surrogate(log_ratio.exp(), advantages, eps_low, eps_high, dual_clip)  # (B, T)
-    kept = torch.where(keep, surrogate, 0.0)  # (B, T)  STAPO: silenced tokens leave the numerator
+    kept = torch.where(keep, surrogate, 0.0)  # (B, T)  # STAPO: silenced tokens leave the numerator
     if loss_agg == "sequence":
         kept = kept.sum(1) / keep.sum(1).clamp(min=1)  # (B,): per-answer mean
     return -kept.sum() / max(float(num_kept), 1.0)  # scalar; 0, not NaN, if nothing is kept
 
 
 def loss_denominator(keep, loss_agg: str = "token") -> int:
-    """num_kept of policy_loss for a whole mini-batch's keep (B, T).
-    STAPO: silenced tokens leave the denominator too, so the loss is renormalised over the rest."""
+    """num_kept of policy_loss for a whole mini-batch's keep (B, T), summed over ranks."""
+    # STAPO: silenced tokens leave the denominator too, so the loss is renormalised over the rest
     return int(all_sum([float(keep.sum() if loss_agg == "token" else keep.any(1).sum())])[0])
 
 
