@@ -1156,12 +1156,16 @@ def load_policy(name: str, device: torch.device, seed: int = 0):
 def from_hub(load, what: str, local: str):
     """load(), with one line instead of a traceback when the Hub cannot be reached or a local
     folder is damaged."""
+    name = what.split(" ", 1)[1]
     try:
         return load()
-    except (OSError, ValueError, ConnectionError) as e:  # transformers, datasets and huggingface_hub raise these
-        name = what.split(" ", 1)[1]
+    except Exception as e:  # a local folder: whatever its damage (safetensors, json, ...), one line
+        if not Path(name).exists() and not isinstance(e, (OSError, ValueError, ConnectionError)):
+            raise  # not a loading failure: a bug, show it whole
         if Path(name).exists():
-            sys.exit(f"{what}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            sys.exit(
+                f"{what}: cannot be read, a damaged file in it? ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            )
         sys.exit(f"{what}: could not load it from the Hugging Face Hub ({type(e).__name__}). Offline? Download it "
                  f"where the Hub is reachable and pass the folder: {local}. Without any download: "
                  "python stapo.py --model tiny --dataset toy")  # fmt: skip

@@ -790,9 +790,9 @@ def test_verify_table(completion, gold, expected):
 )
 def test_verify_is_total_and_fast_on_hostile_input(text):
     for gold in (text, "42", "(1,2]", "1, 2, 3"):
-        start = time.perf_counter()
+        start = time.process_time()  # CPU time of this process: what the verifier costs, whatever the load
         assert stapo.verify(text, gold) in (True, False)
-        assert time.perf_counter() - start < 0.05
+        assert time.process_time() - start < 0.05
 
 
 def nested_sets(height: int, leaf: str = "{}", swap: bool = False) -> str:
@@ -839,9 +839,9 @@ CHAIN = r"\{" * 499 + "1" + r"\}" * 499  # 1,997 characters
 def test_verify_is_fast_on_nested_sets_on_both_sides(pred, gold, expected):
     assert len(pred) <= stapo.MAX_ANSWER_CHARS and len(gold) <= stapo.MAX_ANSWER_CHARS
     for _ in range(2):  # cold, then with normalize_answer's cache warm
-        start = time.perf_counter()
+        start = time.process_time()
         result = stapo.verify(f"\\boxed{{{pred}}}", gold)
-        assert time.perf_counter() - start < 0.05
+        assert time.process_time() - start < 0.05
         assert result is expected if expected is not None else result in (True, False)
     stapo.normalize_answer.cache_clear()
 
@@ -854,13 +854,13 @@ def test_verifier_on_real_benchmarks():
     raw = {name: [json.loads(line) for line in (bench / b.file).open()] for name, b in ev.BENCHMARKS.items()}
     stapo.normalize_answer.cache_clear()
     calls, worst = 0, 0.0
-    start = time.perf_counter()
+    start = time.process_time()
 
     def timed(completion, gold):
         nonlocal calls, worst
-        t = time.perf_counter()
+        t = time.process_time()
         ok = stapo.verify(completion, gold)
-        worst = max(worst, time.perf_counter() - t)
+        worst = max(worst, time.process_time() - t)
         calls += 1
         return ok
 
@@ -883,7 +883,7 @@ def test_verifier_on_real_benchmarks():
     false_positive = sum(timed(sol, gold) for sol, gold in pairs) / len(pairs)
     print(f"negatives judged correct: {false_positive:.3%} of {len(pairs)}")
     assert false_positive <= 0.001
-    mean_ms = (time.perf_counter() - start) / calls * 1000
+    mean_ms = (time.process_time() - start) / calls * 1000
     print(f"verify: {calls} calls, mean {mean_ms:.3f} ms, worst {worst * 1000:.2f} ms")
     assert mean_ms < 0.2
 
@@ -1207,6 +1207,9 @@ def test_damaged_checkpoint_files_give_one_line(run4, capsys):
         stapo.main(["--resume", str(run4 / "step-000004"), "--steps", "5"])
     message = str(exit_info.value.code)
     assert "trainer_state.pt: not a readable trainer state" in message and "weights_only" not in message
+    (run4 / "step-000002" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="step-000002: cannot be read, a damaged file in it"):
+        stapo.load_model(str(run4 / "step-000002"), CPU, None)
 
 
 def test_a_full_disk_while_saving_names_the_last_good_checkpoint(run4, tmp_path, monkeypatch, tiny):
