@@ -343,9 +343,11 @@ def ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg: C
                                  "A": float(advantages[i]), "tau_h": s2t.tau_h})  # fmt: skip
 
         for mb in micro_batches(rollouts, rows, cfg.micro_batch_tokens):
-            logp, _ = sequence_logp(model, rollouts, mb, cfg)  # (b, T')
+            forward_rows = mb or rows[:1]  # an empty micro-batch keeps this rank in step (FSDP2): loss 0
+            logp, _ = sequence_logp(model, rollouts, forward_rows, cfg)  # (b, T')
             T = logp.shape[1]
-            old, kept, adv = (x.to(device) for x in (old_logp[mb, :T], keep[mb, :T], advantages[mb]))
+            selected = (old_logp[forward_rows, :T], keep[forward_rows, :T] & bool(mb), advantages[forward_rows])
+            old, kept, adv = (x.to(device) for x in selected)
             loss = policy_loss(logp, old, adv, kept, num_kept, cfg.eps_low, cfg.eps_high,
                                dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg)  # fmt: skip
             loss.backward()
@@ -450,7 +452,8 @@ def sequence_logp(model, rollouts: Rollouts, rows: list[int], cfg: Config, with_
 
 def micro_batches(rollouts: Rollouts, rows: list[int], token_budget: int) -> list[list[int]]:
     """Split rows into micro-batches whose padded size (rows x longest) fits token_budget.
-    Sorting by length first keeps padding small."""
+    Sorting by length first keeps padding small. Under torchrun every forward is collective, so each
+    rank gets as many micro-batches as the rank with the most: empty ones stand for the difference."""
     lengths = rollouts.lengths()
     batches, current = [], []
     for r in sorted(rows, key=lambda r: lengths[r]):
@@ -458,7 +461,8 @@ def micro_batches(rollouts: Rollouts, rows: list[int], token_budget: int) -> lis
             batches.append(current)
             current = []
         current.append(r)
-    return batches + [current] if current else batches
+    batches += [current] if current else []
+    return batches + [[] for _ in range(max(all_records([len(batches)])) - len(batches))]
 
 
 @torch.no_grad()
@@ -467,9 +471,10 @@ def score(model, rollouts: Rollouts, rows: list[int], cfg: Config):
     B, T = rollouts.completions.shape
     logp, entropy = torch.zeros(B, T), torch.zeros(B, T)
     for mb in micro_batches(rollouts, rows, cfg.micro_batch_tokens):
-        lp, ent = sequence_logp(model, rollouts, mb, cfg, with_entropy=True)
-        logp[mb, : lp.shape[1]] = lp.cpu()
-        entropy[mb, : ent.shape[1]] = ent.cpu()
+        lp, ent = sequence_logp(model, rollouts, mb or rows[:1], cfg, with_entropy=True)  # empty: keeps in step
+        if mb:
+            logp[mb, : lp.shape[1]] = lp.cpu()
+            entropy[mb, : ent.shape[1]] = ent.cpu()
     return logp, entropy
 
 

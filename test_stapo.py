@@ -1280,7 +1280,13 @@ def two_rank_worker(rank: int, port: int, case_file: str, out_file: str):
         model, tok = stapo.load_policy("tiny", CPU)
         model.load_state_dict(case["weights"])
         stapo.shard_model(model, bf16=False)
-        cfg = dataclasses.replace(case["cfg"], mask=mask, loss_agg=loss_agg, mini_batches=mini_batches)
+        cfg = dataclasses.replace(
+            case["cfg"],
+            mask=mask,
+            loss_agg=loss_agg,
+            mini_batches=mini_batches,
+            micro_batch_tokens=10**6 if rank == 0 else 1,
+        )  # 1 vs 4-8 micro-batches: in step
         groups = stapo.my_share(list(range(cfg.prompts_per_step)), mini_batches)
         rows = [g * cfg.group_size + j for g in groups for j in range(cfg.group_size)]
         r = case["rollouts"]
