@@ -402,10 +402,11 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
     model.eval()
     completions = []
     calls = math.ceil(len(prompts) / chunk)
-    with DecodeProgress(f"{desc} ({len(prompts)} sequences, {calls} calls)", calls, cfg.max_new_tokens) as progress:
+    progress = DecodeProgress(f"{desc} ({len(prompts)} sequences, {calls} calls)", calls, cfg.max_new_tokens)
+    with progress, unsharded(model):  # FSDP2: whole weights on every rank, no collective per token
         for start in range(0, len(prompts), chunk):
             prompt_ids, prompt_mask = left_pad(prompts[start : start + chunk], tokenizer.pad_token_id)
-            with autocast(cfg, device), unsharded(model):  # FSDP2: whole weights, no collective per token
+            with autocast(cfg, device):
                 out = model.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
                                      generation_config=gen_config, synced_gpus=False, streamer=progress)  # fmt: skip
             # out: (b, L + new tokens)

@@ -1267,7 +1267,7 @@ def one_process_update(model, rollouts, advantages, cfg):
 
 def two_rank_worker(rank: int, port: int, case_file: str, out_file: str):
     """One of two gloo ranks: each case's update on this rank's share of the rollouts, then a generate
-    in which rank 0 stops after 4 tokens and rank 1 after 48."""
+    in which rank 0 stops after 4 tokens in one call and rank 1 after 48 in four."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -1300,7 +1300,8 @@ def two_rank_worker(rank: int, port: int, case_file: str, out_file: str):
         spurious = stapo.all_records([(rows[s["row"]], s["t"]) for s in silenced])
         results[mask, loss_agg] = (weights, sorted(spurious))
     uneven = dataclasses.replace(case["cfg"], max_new_tokens=4 if rank == 0 else 48)
-    generated = stapo.generate(model, tok, [stapo.encode_prompt("1+1?", tok)] * 4, uneven)
+    budget = 1e12 if rank == 0 else 1.0  # one generate call on rank 0, four on rank 1
+    generated = stapo.generate(model, tok, [stapo.encode_prompt("1+1?", tok)] * 4, uneven, kv_cache_bytes=budget)
     lengths = stapo.all_records([generated.completions.shape[1]])
     if rank == 0:
         torch.save({"results": results, "lengths": lengths}, out_file)
