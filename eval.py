@@ -16,7 +16,7 @@ as without the interruption). A rerun with any other setting is refused (setting
 
     python eval.py --model runs/stapo/step-000200                # all six, from the Hub
     python eval.py --model tiny --data-dir ../shared/benchmarks --limit 5
-    python eval.py --score evals/step-000200_t1.0_p1.0/generations.jsonl --grader both
+    python eval.py --score evals/stapo-step-000200_t1.0_p1.0/generations.jsonl --grader both
 """
 
 import argparse
@@ -354,7 +354,8 @@ def evaluate(args) -> str:
                 "seed": args.seed, "prompt_format": args.prompt_format, "batch_size": args.batch_size,
                 "samples": args.samples, "limit": args.limit, "data": data, "precision": args.precision,
                 "device": device.type, "kv_cache_gb": args.kv_cache_gb, "grader": args.grader}  # fmt: skip
-    out_dir = Path(args.output_dir or f"evals/{Path(args.model).name}_t{temperature}_p{top_p}")
+    name = "-".join(Path(args.model).parts[-2:]) if Path(args.model).name.startswith("step-") else Path(args.model).name
+    out_dir = Path(args.output_dir or f"evals/{name}_t{temperature}_p{top_p}")  # runs/stapo/step-N: stapo-step-N
     benchmarks = {name: load_benchmark(name, args.data_dir)[: args.limit] for name in names}  # bad files fail here
     gen_path, have = open_run(out_dir, settings)
     print(f"eval: writing to {out_dir.resolve()}", flush=True)  # flushed: a batch job's log shows it at once
@@ -426,6 +427,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.model and (problem := stapo.device_error(args.device)):
+        raise SystemExit(problem)
     if args.score:
         path = Path(args.score)  # the tables go beside it under its own name: a run's results.md stays as it is
         rows = read_generations(path)[0]

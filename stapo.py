@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -577,7 +578,13 @@ def parse_args(argv=None) -> Config:
         ckpt = Path(given["resume"])
         if not (ckpt / "trainer_state.pt").exists() or not (ckpt / "stapo_config.json").exists():
             parser.error(f"--resume {ckpt}: not a checkpoint folder (no trainer_state.pt and stapo_config.json)")
-        base = json.loads((ckpt / "stapo_config.json").read_text())
+        if checkpoint_step(ckpt) < 0:
+            parser.error(f"--resume {ckpt}: checkpoint folders are named step-NNNNNN, as this trainer writes them")
+        try:
+            base = json.loads((ckpt / "stapo_config.json").read_text())
+            assert isinstance(base, dict) and "model" in base
+        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
+            parser.error(f"--resume {ckpt}: its stapo_config.json is damaged; resume from another checkpoint")
         saved, world = base.get("world_size", 1), int(os.environ.get("WORLD_SIZE", 1))
         if saved != world:
             parser.error(f"--resume {ckpt}: written by {saved} process(es), resumed by {world}; an exact resume "
@@ -642,7 +649,23 @@ def config_errors(cfg: Config) -> list[str]:
         value, choices = getattr(cfg, f.name), f.metadata["choices"]
         if choices and value not in choices:
             errors.append(f"--{f.name.replace('_', '-')} {value}: must be one of {', '.join(choices)}")
+        if f.type is float and not math.isfinite(value):
+            errors.append(f"--{f.name.replace('_', '-')} {value}: must be a finite number")
+    errors += [e for e in [device_error(cfg.device)] if e]
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        errors.append(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
     return errors
+
+
+def device_error(device: str) -> str | None:
+    """Why --device cannot run on this machine, if it cannot."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"--device {device}: this machine or torch build has no CUDA device; use --device cpu (or auto)"
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        return f"--device {device}: there are {torch.cuda.device_count()} CUDA devices"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "--device mps: this machine or torch build has no MPS device; use --device cpu (or auto)"
+    return None
 
 
 def main(argv=None):
@@ -1006,6 +1029,8 @@ def load_problems(cfg: Config, tokenizer=None) -> list[dict]:
         path = Path(cfg.dataset)
         if path.suffix in (".jsonl", ".json", ".parquet"):
             rows = read_rows(path)
+        elif path.exists():
+            sys.exit(f"--dataset {path}: local files are read as .jsonl, .json (a list of objects) or .parquet")
         else:
             import datasets
 
@@ -1163,6 +1188,11 @@ def from_hub(load, what: str, local: str):
     """load(), with one line instead of a traceback when the Hub cannot be reached or a local
     folder is damaged."""
     name = what.split(" ", 1)[1]
+    if (Path(name) / "trainer_state.pt").exists():
+        what = f"--resume {name}"
+    if Path(name).is_dir() and not (Path(name) / "config.json").exists():
+        run = " (a run folder: pass one of its step-NNNNNN checkpoints)" if checkpoints(Path(name)) else ""
+        sys.exit(f"{what}: no config.json in it, so not a model folder{run}")
     try:
         return load()
     except Exception as e:  # a local folder: whatever its damage (safetensors, json, ...), one line
@@ -1250,9 +1280,12 @@ def check_run_folder(cfg: Config) -> bool:
             sys.exit(f"--resume {ckpt}: {out} has a later checkpoint, {latest.name}; continuing here would mix "
                      f"two histories. Branch into a new folder: --output-dir NEW_FOLDER")  # fmt: skip
         return True
-    if out.exists() and (any((out / n).exists() for n in (*LOG_FILES, "stapo_config.json")) or checkpoints(out)):
+    if checkpoints(out):
         sys.exit(f"--output-dir {out} already holds a run; continue it with --resume {out}/step-NNNNNN, "
                  "or give a new --output-dir")  # fmt: skip
+    if out.exists() and any((out / n).exists() for n in (*LOG_FILES, "stapo_config.json")):
+        sys.exit(f"--output-dir {out} holds the records of a run that stopped before its first checkpoint; "
+                 "there is nothing to resume: move the folder away or give a new --output-dir")  # fmt: skip
     return False
 
 
@@ -1507,6 +1540,10 @@ def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: fl
     budget (what generation leaves free, in as few generate calls as fit).
     """
     c, W = model_config, world_size
+    if getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None):
+        raise SystemExit(
+            f"{cfg.model}: a mixture of experts ({c.model_type}); the memory plan covers dense decoders only"
+        )
     device_bytes = device_bytes or (cfg.gpu_memory_gb or 80) * 1e9
     D, M, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
     n = parameter_count(c)
@@ -1820,6 +1857,8 @@ def plot_runs(run_dirs: list[str], out: str | None = None) -> Path:
     fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.93))  # leave the top for the legend
     path = Path(out or "stapo_curves.png")
+    if path.suffix != ".png" or not path.parent.is_dir():
+        raise SystemExit(f"--out {path}: must be a .png file in an existing folder")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

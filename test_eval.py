@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import eval as ev
 import stapo
@@ -257,6 +258,13 @@ def first_run(tmp_path_factory):
     return folder / "bench", folder / "run"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_a_device_the_machine_lacks_is_named(data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--device cuda: this machine or torch build has no CUDA device"):
+        ev.main(eval_args(data_dir, tmp_path / "run", "--device", "cuda"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "setting"),
     [
@@ -272,7 +280,6 @@ def first_run(tmp_path_factory):
         ("--limit", "1", "limit"),  # a shorter last batch samples differently
         ("--data-dir", "copy", "data"),  # the same files in another folder: maybe not the same files next time
         ("--precision", "bf16-autocast", "precision"),
-        ("--device", "cuda", "device"),  # refused before any model is loaded, so no GPU is needed
         ("--kv-cache-gb", "0.001", "kv_cache_gb"),  # splits a batch into more generate calls
         ("--grader", "both", "grader"),  # the same samples, but results.md would change its meaning
     ],

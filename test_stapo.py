@@ -1071,12 +1071,28 @@ def test_readme_runs_the_four_methods(tmp_path):
         (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
         (["--device", "gpu"], "--device gpu: must be auto, cpu, cuda, cuda:N or mps"),
         (["--group-size", "1"], "--group-size 1: must be at least 2"),
+        (["--kv-cache-gb", "inf"], "--kv-cache-gb inf: must be a finite number"),
+        (["--temperature", "nan"], "--temperature nan: must be"),
     ],
 )  # fmt: skip
 def test_bad_flags_are_named_before_anything_loads(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         stapo.parse_args(["--model", "tiny", *flags])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_a_device_the_machine_lacks_is_named(capsys):
+    with pytest.raises(SystemExit):
+        stapo.parse_args(["--model", "tiny", "--device", "cuda"])
+    assert "--device cuda: this machine or torch build has no CUDA device" in capsys.readouterr().err
+
+
+def test_a_tracker_that_is_not_installed_is_named_before_anything_loads(monkeypatch, capsys):
+    monkeypatch.setattr(stapo.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit):
+        stapo.parse_args(["--model", "tiny", "--report-to", "wandb"])
+    assert "--report-to wandb needs the wandb package: pip install wandb" in capsys.readouterr().err
 
 
 def test_help_lists_the_allowed_values_of_every_choice_flag(capsys):
@@ -1199,6 +1215,31 @@ def test_max_prompt_tokens_that_fits_no_problem_is_named(tiny):
     _, tok = tiny
     with pytest.raises(SystemExit, match=r"--max-prompt-tokens 5: no prompt fits \(the shortest has \d+ tokens\)"):
         stapo.load_problems(tiny_cfg(max_prompt_tokens=5), tok)
+
+
+def test_a_folder_whose_run_stopped_before_any_checkpoint_is_named(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "stapo_config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="stopped before its first checkpoint; there is nothing to resume"):
+        stapo.main([*SMALL, "--steps", "1", "--output-dir", str(tmp_path / "run")])
+
+
+def test_odd_model_data_and_checkpoint_folders_are_named(run4, tmp_path, capsys):
+    with pytest.raises(
+        SystemExit, match=r"no config.json in it, so not a model folder \(a run folder: pass one of its"
+    ):
+        stapo.load_model_config(str(run4))
+    (tmp_path / "data.csv").write_text("problem,answer\n")
+    with pytest.raises(SystemExit, match="local files are read as .jsonl, .json"):
+        stapo.load_problems(tiny_cfg(dataset=str(tmp_path / "data.csv")))
+    shutil.copytree(run4 / "step-000004", tmp_path / "best")
+    with pytest.raises(SystemExit):
+        stapo.parse_args(["--resume", str(tmp_path / "best"), "--steps", "9"])
+    assert "checkpoint folders are named step-NNNNNN" in capsys.readouterr().err
+    (run4 / "step-000004" / "stapo_config.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        stapo.parse_args(["--resume", str(run4 / "step-000004"), "--steps", "9"])
+    assert "its stapo_config.json is damaged" in capsys.readouterr().err
 
 
 def test_damaged_checkpoint_files_give_one_line(run4, capsys):
@@ -1436,6 +1477,14 @@ def test_plot_runs_without_matplotlib_says_what_to_install(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     with pytest.raises(SystemExit, match="--plot needs matplotlib: pip install matplotlib"):
         stapo.plot_runs([str(write_run(tmp_path / "run", "s2t"))])
+
+
+def test_plot_runs_names_a_bad_output_path(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [write_run(tmp_path / "a", "s2t"), write_run(tmp_path / "b", "none")]
+    for out in (tmp_path / "missing" / "x.png", runs[0] / "metrics.jsonl"):
+        with pytest.raises(SystemExit, match="must be a .png file in an existing folder"):
+            stapo.plot_runs([str(r) for r in runs], str(out))
 
 
 def test_plot_runs_names_a_folder_that_is_not_a_run(tmp_path):
