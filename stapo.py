@@ -1199,9 +1199,7 @@ def from_hub(load, what: str, local: str):
         if not Path(name).exists() and not isinstance(e, (OSError, ValueError, ConnectionError)):
             raise  # not a loading failure: a bug, show it whole
         if Path(name).exists():
-            sys.exit(
-                f"{what}: cannot be read, a damaged file in it? ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            )
+            sys.exit(f"{what}: cannot be loaded from it ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         sys.exit(f"{what}: could not load it from the Hugging Face Hub ({type(e).__name__}). Offline? Download it "
                  f"where the Hub is reachable and pass the folder: {local}. Without any download: "
                  "python stapo.py --model tiny --dataset toy")  # fmt: skip
