@@ -1633,35 +1633,31 @@ def plan_summary(plan: dict) -> str:
 
 
 def fixes_that_fit(model_config, cfg: Config, world_size: int, device_bytes: float, device_type: str) -> list[str]:
-    """Single-flag changes that bring the planned peak within the budget, each with its peak."""
+    """Changes that bring the planned peak within the budget, each with its peak: the first that fits of
+    each kind (checkpointing, a smaller micro-batch, an automatic KV budget, shorter answers, more GPUs)."""
 
-    def fits(**change) -> str | None:
-        plan = plan_memory(model_config, dataclasses.replace(cfg, **change), world_size, device_bytes, device_type)
-        ((name, value),) = change.items()
-        return (
-            f"--{name.replace('_', '-')} {value} (peak {plan['peak'] / 1e9:.1f} GB)"
-            if plan["peak"] <= plan["budget"]
-            else None
-        )
+    def peak(gpus: int = world_size, **change) -> float | None:  # None: does not fit
+        plan = plan_memory(model_config, dataclasses.replace(cfg, **change), gpus, device_bytes, device_type)
+        return plan["peak"] if plan["peak"] <= plan["budget"] else None
+
+    def flag(name: str, value) -> tuple[str, dict]:
+        return f"--{name.replace('_', '-')} {value}", {name: value}
 
     seq = cfg.max_prompt_tokens + cfg.max_new_tokens
-    found = [fits(gradient_checkpointing="on") if cfg.gradient_checkpointing != "on" else None]
-    found += [
-        next(
-            filter(
-                None, (fits(micro_batch_tokens=rows * seq) for rows in range(cfg.micro_batch_tokens // seq - 1, 0, -1))
-            ),
-            None,
-        )
+    kinds = [
+        [flag("gradient_checkpointing", "on")] if cfg.gradient_checkpointing != "on" else [],
+        [flag("micro_batch_tokens", n * seq) for n in range(cfg.micro_batch_tokens // seq - 1, 0, -1)],
+        [flag("kv_cache_gb", 0)] if cfg.kv_cache_gb > 0 else [],
+        [flag("max_new_tokens", cfg.max_new_tokens // 2**k) for k in (1, 2, 3)],
+        [(f"torchrun on {n} GPUs", {"gpus": n}) for n in (2, 4, 8, 16, 32, 64) if n > world_size],
     ]
-    found += [fits(kv_cache_gb=0.0) if cfg.kv_cache_gb > 0 else None]
-    found += [next(filter(None, (fits(max_new_tokens=cfg.max_new_tokens // 2**k) for k in (1, 2, 3))), None)]
-    for gpus in (2, 4, 8, 16, 32, 64):  # sharding over more GPUs (torchrun --nproc_per_node, --nnodes)
-        plan = plan_memory(model_config, cfg, gpus, device_bytes, device_type)
-        if gpus > world_size and plan["peak"] <= plan["budget"]:
-            found.append(f"torchrun on {gpus} GPUs (peak {plan['peak'] / 1e9:.1f} GB each)")
-            break
-    return [f for f in found if f]
+    found = []
+    for options in kinds:
+        for label, change in options:
+            if (p := peak(**change)) is not None:
+                found.append(f"{label} (peak {p / 1e9:.1f} GB{' each' if 'gpus' in change else ''})")
+                break
+    return found
 
 
 # ----------------------------------------------------------------------------------------------
