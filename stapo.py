@@ -1576,7 +1576,7 @@ def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: fl
     # probabilities and top-p sort, and the prefill's transients. Gradients are freed by then.
     kv_per_seq = seq * 2 * L * c.num_key_value_heads * head_dim(c) * (2 if bf16 else 4)  # K and V
     sampling_per_seq = 20 * V + cfg.max_prompt_tokens * (6 * M + 14 * D)
-    resident = sum(plan[k] for k in PHASES["generation"][:4])
+    resident = plan["weights"] + plan["adamw"] + plan["autocast_weights"] + plan["gathered_model"]
     rollouts = cfg.prompts_per_step * cfg.group_size // W
     if cfg.kv_cache_gb > 0:  # given: it wins
         per_call = max(1, int(cfg.kv_cache_gb * 1e9 // kv_per_seq))
