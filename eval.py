@@ -23,7 +23,6 @@ import argparse
 import inspect
 import json
 import math
-import os
 import sys
 import time
 import zlib
@@ -64,34 +63,6 @@ RECORD_FIELDS = {"benchmark": str, "problem_idx": int, "sample_idx": int, "gold"
 # Data
 
 
-def jsonl_objects(path: Path, torn_tail_ok: bool = False) -> tuple[list[tuple[int, dict]], int]:
-    """(line number, object) of each non-blank line and the byte length of the lines kept. Anything but one
-    JSON object per UTF-8 line is a one-line SystemExit naming file and line; with torn_tail_ok, a last line
-    that a kill during an append cut short (no newline, does not parse) is dropped with a warning instead."""
-    data = path.read_bytes()
-    lines = data.split(b"\n")  # the last item is b"" when the file ends with a newline
-    objects = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            problem = f"not UTF-8 (byte {line[e.start]:#x} at column {e.start + 1})"
-        except json.JSONDecodeError as e:
-            problem = f"not JSON ({e.msg} at column {e.colno})"
-        else:
-            if isinstance(obj, dict):
-                objects.append((n, obj))
-                continue
-            problem = f"a JSON {type(obj).__name__}, not an object"
-        if torn_tail_ok and n == len(lines):
-            print(f"warning: {path}: line {n} is cut short (a crash while writing?); dropped", file=sys.stderr)
-            return objects, len(data) - len(line)
-        raise SystemExit(f"{path}: line {n}: {problem}")
-    return objects, len(data)
-
-
 def benchmark_example(name: str, row: dict) -> dict | None:
     """A benchmark row -> {"problem", "answer"}, with each file's quirks undone; None without an answer."""
     example = stapo.row_to_example(row)  # problem/question; answer, final_answer[0], or Minerva's last \boxed{}
@@ -111,7 +82,7 @@ def load_benchmark(name: str, data_dir: str | Path | None = None) -> list[dict]:
         path = Path(data_dir) / bench.file
         if not path.is_file():
             raise SystemExit(f"{path} not found: --data-dir must hold {', '.join(b.file for b in BENCHMARKS.values())}")
-        source, unit, rows = path, "line", jsonl_objects(path)[0]
+        source, unit, rows = path, "line", stapo.jsonl_objects(path)[0]
     else:
         import datasets
 
@@ -132,7 +103,7 @@ def read_generations(path: Path) -> tuple[list[dict], int]:
     """The records of a generations file and the byte length of its whole lines; SystemExit if it is not one."""
     if not path.is_file():
         raise SystemExit(f"{path}: not a file")
-    objects, size = jsonl_objects(path, torn_tail_ok=True)
+    objects, size = stapo.jsonl_objects(path, torn_tail_ok=True)
     seen = {}
     for n, r in objects:
         bad = [k for k, kind in RECORD_FIELDS.items() if not isinstance(r.get(k, ...), kind)]
@@ -276,19 +247,6 @@ def batch_seed(seed: int, name: str, batch: int) -> int:
     return zlib.crc32(f"{seed}/{name}/{batch}".encode())
 
 
-def replace_atomically(path: Path, data: bytes):
-    """Write aside, then rename: a kill leaves the old file or the new one, never a half-written one."""
-    tmp = path.with_name(f".{path.name}.tmp")  # same folder, so os.replace is a rename, not a copy
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def open_run(out_dir: Path, settings: dict) -> tuple[Path, dict]:
     """The generations file of out_dir and {(benchmark, problem, sample): correct} of what it already holds."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -304,7 +262,7 @@ def open_run(out_dir: Path, settings: dict) -> tuple[Path, dict]:
     done, whole = read_generations(gen_path)
     data = gen_path.read_bytes()
     if data and not data.endswith(b"\n"):  # a kill during an append: drop the torn line, or end a whole one
-        replace_atomically(gen_path, data[:whole] if whole < len(data) else data + b"\n")
+        stapo.replace_file(gen_path, data[:whole] if whole < len(data) else data + b"\n")
     return gen_path, {(r["benchmark"], r["problem_idx"], r["sample_idx"]): r["correct"] for r in done}
 
 

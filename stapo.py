@@ -994,29 +994,22 @@ def read_rows(path: Path) -> list[dict]:
         import datasets  # imported here: the other paths and most tests do not need it
 
         try:
-            return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+            rows = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
         except Exception as e:  # pyarrow's many error types; the message below is what a user needs
             sys.exit(f"--dataset {path}: not a readable parquet file ({type(e).__name__})")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        sys.exit(f"--dataset {path}: not UTF-8 text (byte {e.start})")
-    if not text.strip():
-        sys.exit(f"--dataset {path}: the file is empty")
-    if path.suffix == ".json":
+    elif path.suffix == ".jsonl":
+        rows = [row for _, row in jsonl_objects(path)[0]]
+    else:
         try:
-            rows = json.loads(text)
+            rows = json.loads(path.read_text(encoding="utf-8") or "[]")
+        except UnicodeDecodeError as e:
+            sys.exit(f"--dataset {path}: not UTF-8 (byte {e.start})")
         except json.JSONDecodeError as e:
-            sys.exit(f"--dataset {path}: line {e.lineno}: not valid JSON ({e.msg})")
+            sys.exit(f"--dataset {path}: line {e.lineno}: not JSON ({e.msg})")
         if not isinstance(rows, list):
             sys.exit(f"--dataset {path}: a .json dataset must be a list of objects (use .jsonl for one per line)")
-        return rows
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        try:
-            rows += [json.loads(line)] if line.strip() else []
-        except json.JSONDecodeError as e:
-            sys.exit(f"--dataset {path}: line {number}: not valid JSON ({e.msg})")
+    if not rows:
+        sys.exit(f"--dataset {path}: the file is empty")
     return rows
 
 
@@ -1303,7 +1296,7 @@ def open_run_folder(cfg: Config, same_run: bool) -> Path:
             records = [r for r in read_jsonl(source) if r["step"] <= checkpoint_step(ckpt)] if source.exists() else []
             write_jsonl(out / name, records)
     print(json.dumps(config, indent=2))
-    write_text(out / "stapo_config.json", json.dumps(config, indent=2))
+    replace_file(out / "stapo_config.json", json.dumps(config, indent=2))
     return out
 
 
@@ -1364,7 +1357,7 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: i
             if world == 1:
                 state["optimizer"] = optimizer.state_dict()
             torch.save(state, tmp / "trainer_state.pt")
-            write_text(
+            replace_file(
                 tmp / "stapo_config.json", json.dumps({**dataclasses.asdict(cfg), "world_size": world}, indent=2)
             )
             os.replace(tmp, final)
@@ -1417,22 +1410,37 @@ def log_line(m: dict) -> str:
     )
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a log file. A torn last line (a kill or a full disk during an append) is dropped
-    with a warning; a damaged line elsewhere stops with its number."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        sys.exit(f"{path}: not UTF-8 text: not a log file of this project")
-    records = []
-    for number, line in enumerate(lines, 1):
+def jsonl_objects(path: Path, torn_tail_ok: bool = False) -> tuple[list[tuple[int, dict]], int]:
+    """(line number, object) of each non-blank line and the byte length of the lines kept. Anything but one
+    JSON object per UTF-8 line is a one-line SystemExit naming file and line; with torn_tail_ok, a last line
+    that a kill during an append cut short (no newline, does not parse) is dropped with a warning instead."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")  # the last item is b"" when the file ends with a newline
+    objects = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            records += [json.loads(line)] if line.strip() else []
-        except json.JSONDecodeError:
-            if number < len(lines):
-                sys.exit(f"{path}: line {number} is not JSON: the file is damaged")
-            print(f"warning: {path}: its last line was cut short by an interrupted write; ignored", file=sys.stderr)
-    return records
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            problem = f"not UTF-8 (byte {line[e.start]:#x} at column {e.start + 1})"
+        except json.JSONDecodeError as e:
+            problem = f"not JSON ({e.msg} at column {e.colno})"
+        else:
+            if isinstance(obj, dict):
+                objects.append((n, obj))
+                continue
+            problem = f"a JSON {type(obj).__name__}, not an object"
+        if torn_tail_ok and n == len(lines):
+            print(f"warning: {path}: line {n} is cut short (a crash while writing?); dropped", file=sys.stderr)
+            return objects, len(data) - len(line)
+        sys.exit(f"{path}: line {n}: {problem}")
+    return objects, len(data)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a log file; a torn last line is dropped with a warning."""
+    return [record for _, record in jsonl_objects(path, torn_tail_ok=True)[0]]
 
 
 def set_aside_records_after(path: Path, step: int):
@@ -1449,17 +1457,21 @@ def set_aside_records_after(path: Path, step: int):
 
 
 def write_jsonl(path: Path, records: list[dict]):
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    replace_file(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def write_text(path: Path, text: str):
-    """Replace a file whole or not at all: a temporary file beside it, flushed to disk, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def replace_file(path: Path, data: str | bytes):
+    """Replace a file whole or not at all: a temporary file beside it, flushed to disk, then renamed
+    (a kill leaves the old file or the new one, never half of one)."""
+    tmp = path.with_name(f".{path.name}.tmp")  # the same folder, so os.replace is a rename
+    try:
+        with tmp.open("wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def append_jsonl(path: Path, records: list[dict]):

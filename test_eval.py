@@ -238,7 +238,7 @@ def test_a_crash_while_dropping_a_torn_line_leaves_the_file_as_it_was(tmp_path, 
         raise OSError("disk gone")  # the moment the old code had truncated the file and not yet rewritten it
 
     (tmp_path / "generations.jsonl").write_bytes(jsonl(A, B) + TORN)
-    monkeypatch.setattr(ev.os, "replace", crash)
+    monkeypatch.setattr(stapo.os, "replace", crash)  # eval writes through stapo.replace_file
     with pytest.raises(OSError, match="disk gone"):
         ev.open_run(tmp_path, {"model": "tiny"})
     assert (tmp_path / "generations.jsonl").read_bytes() == jsonl(A, B) + TORN

@@ -1163,7 +1163,7 @@ def test_resume_sets_aside_later_records_and_a_torn_line(run4, capsys):
     stapo.main(["--resume", str(run4 / "step-000002"), "--steps", "3"])
     assert steps_of(run4 / "metrics.jsonl") == [1, 2, 3]
     assert steps_of(run4 / "metrics.after-step-000002.jsonl") == [3, 4]  # set aside, not deleted
-    assert "last line was cut short" in capsys.readouterr().err
+    assert "line 5 is cut short" in capsys.readouterr().err
 
 
 def test_a_kill_while_trimming_leaves_the_records_intact(run4, monkeypatch):
@@ -1198,8 +1198,8 @@ def test_resume_applies_lr_and_weight_decay_and_refuses_another_model(run4, caps
     ("content", "message"),
     [
         (b"", "the file is empty"),
-        (b'{"problem": "a", "answer": "1"}\n{"problem": "b", "ans\n', "line 2: not valid JSON"),
-        (b'{"problem": "caf\xe9", "answer": "1"}\n', "not UTF-8 text"),
+        (b'{"problem": "a", "answer": "1"}\n{"problem": "b", "ans\n', "line 2: not JSON"),
+        (b'{"problem": "caf\xe9", "answer": "1"}\n', "line 1: not UTF-8"),
         (b'{"prompt": [{"role": "system", "content": "x"}], "answer": "1"}\n', "first: row 1: no problem"),
     ],
 )  # fmt: skip
@@ -1495,13 +1495,13 @@ def test_plot_runs_names_a_folder_that_is_not_a_run(tmp_path):
 def test_read_jsonl_drops_a_torn_last_line_with_a_warning(tmp_path, capsys):
     path = write_run(tmp_path / "run", "s2t", steps=3, torn=True) / "metrics.jsonl"
     assert [r["step"] for r in stapo.read_jsonl(path)] == [1, 2, 3]
-    assert "metrics.jsonl: its last line was cut short" in capsys.readouterr().err
+    assert "metrics.jsonl: line 4 is cut short" in capsys.readouterr().err
 
 
 def test_read_jsonl_stops_at_a_malformed_line_before_the_last(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
-    with pytest.raises(SystemExit, match=r"metrics.jsonl: line 2 is not JSON"):
+    with pytest.raises(SystemExit, match=r"metrics.jsonl: line 2: not JSON"):
         stapo.read_jsonl(path)
 
 
