@@ -1246,9 +1246,7 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
 
 def sequences_per_generate(model, prompt_len: int, cfg: Config, kv_cache_bytes: float) -> int:
     """How many sequences one generate call may hold so their KV cache fits kv_cache_bytes."""
-    c = model.config
-    dtype_bytes = 2 if uses_bf16(cfg, next(model.parameters()).device) else 4
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim(c) * dtype_bytes  # K and V
+    per_token = kv_bytes_per_token(model.config, uses_bf16(cfg, next(model.parameters()).device))
     return max(1, int(kv_cache_bytes // (per_token * (prompt_len + cfg.max_new_tokens))))
 
 
@@ -1383,7 +1381,7 @@ class DecodeProgress:
     def put(self, ids):  # generate() calls it with the prompt, then once per decoding step
         self.steps += 1
         self.bar.update(1)
-        if self.bar.disable and time.time() - self.last_line >= self.every and int(os.environ.get("RANK", 0)) == 0:
+        if self.bar.disable and time.time() - self.last_line >= self.every:  # other ranks print to /dev/null
             self.last_line = time.time()
             print(f"{self.desc}: {self.steps}/{self.total} decoding steps, {time.time() - self.start:.0f}s", flush=True)
 
@@ -1515,6 +1513,11 @@ def head_dim(c) -> int:
     return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
+def kv_bytes_per_token(c, bf16: bool) -> int:
+    """KV-cache bytes per token of a sequence: K and V of every layer."""
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim(c) * (2 if bf16 else 4)
+
+
 def activation_bytes_per_token(c) -> int:
     """Bytes autograd keeps per token per decoder layer: fp32 weights under bf16 autocast, no
     checkpointing. Measured on CPU at the real widths of Qwen3-1.7B and 8B with saved-tensor hooks
@@ -1586,7 +1589,7 @@ def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: fl
 
     # Generation: per sequence of a generate call, its KV cache, the sampler's fp32 logits,
     # probabilities and top-p sort, and the prefill's transients. Gradients are freed by then.
-    kv_per_seq = seq * 2 * L * c.num_key_value_heads * head_dim(c) * (2 if bf16 else 4)  # K and V
+    kv_per_seq = seq * kv_bytes_per_token(c, bf16)
     sampling_per_seq = 20 * V + cfg.max_prompt_tokens * (6 * M + 14 * D)
     resident = plan["weights"] + plan["adamw"] + plan["autocast_weights"] + plan["gathered_model"]
     rollouts = cfg.prompts_per_step * cfg.group_size // W
