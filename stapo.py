@@ -55,6 +55,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+if not {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ):  # read when CUDA starts, later
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # less fragmentation near a full card
+
 # ==============================================================================================
 # 1. Config: every knob, one place. Field help is the --help text.
 
@@ -111,7 +114,9 @@ class Config:
     gradient_checkpointing: str = knob(
         "auto", "recompute the model body in backward; auto: if the plan needs it", ("auto", "on", "off")
     )
-    gpu_memory_gb: float = knob(0.0, "memory to plan for; 0: the device's (80 for --dry-run without a GPU)")
+    gpu_memory_gb: float = knob(
+        0.0, "memory to plan for; 0: what is free on the device (80 for --dry-run without a GPU)"
+    )
     dry_run: bool = knob(False, "print the memory plan from the model's config alone and exit")
     gpus: int = knob(1, "GPUs to plan for with --dry-run (a torchrun run plans for its processes)")
     # logging and checkpoints
@@ -404,14 +409,18 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
     completions = []
     calls = math.ceil(len(prompts) / chunk)
     progress = DecodeProgress(f"{desc} ({len(prompts)} sequences, {calls} calls)", calls, cfg.max_new_tokens)
-    with progress, unsharded(model):  # FSDP2: whole weights on every rank, no collective per token
+    with progress, unsharded(model):  # FSDP2: whole weights (bf16 with autocast) on every rank, no collective per token
+        # bf16 path: sample from a bf16 copy, not under autocast, so keys and values are both bf16 (Qwen3's
+        # fp32 q/k-norm weights would make autocast's keys fp32) and no decode step pays for casts.
+        bf16_copy_needed = uses_bf16(cfg, device) and next(model.parameters()).dtype != torch.bfloat16
+        sampler = bf16_copy(model) if bf16_copy_needed else model
         for start in range(0, len(prompts), chunk):
             prompt_ids, prompt_mask = left_pad(prompts[start : start + chunk], tokenizer.pad_token_id)
-            with autocast(cfg, device):
-                out = model.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                                     generation_config=gen_config, synced_gpus=False, streamer=progress)  # fmt: skip
+            out = sampler.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                                   generation_config=gen_config, synced_gpus=False, streamer=progress)  # fmt: skip
             # out: (b, L + new tokens)
             completions += list(out[:, prompt_ids.shape[1] :].cpu())
+        del sampler  # the copy lives for one call of generate: its memory serves the update
     model.train(was_training)
 
     # Cut each completion after its first EOS, which stays in (it is the answer's last action).
@@ -448,7 +457,9 @@ def sequence_logp(model, rollouts: Rollouts, rows: list[int], cfg: Config, with_
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (b, L, D)
         hidden = hidden[:, prompt_ids.shape[1] - 1 : -1]  # (b, T, D): the state that predicts each completion token
-        weight = model.get_output_embeddings().weight  # (V, D)
+        # Cast the head once per micro-batch: under autocast each checkpointed chunk would cast it again,
+        # forward and backward (26 casts of a 151,936 x 2,048 matrix for 24 chunks).
+        weight = model.get_output_embeddings().weight.to(hidden.dtype)  # (V, D)
         return token_logp(hidden, weight, completions.to(device), cfg.temperature, cfg.logit_chunk, with_entropy)
 
 
@@ -547,7 +558,9 @@ def plan_or_stop(model_config, cfg: Config, device: torch.device, world_size: in
     """The memory plan in one line; stop now, before generating, if its peak exceeds the device."""
     device_bytes = device_memory(cfg, device)
     plan = plan_memory(model_config, cfg, world_size, device_bytes, device.type)
-    print(plan_summary(plan))
+    allocator = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    where = f" | {device_bytes / 1e9:.1f} GB free on {device}, allocator {allocator}" if device.type == "cuda" else ""
+    print(plan_summary(plan) + where)
     if plan["peak"] > plan["budget"]:
         fixes = fixes_that_fit(model_config, cfg, world_size, device_bytes, device.type)
         sys.exit(f"the planned peak, {plan['peak'] / 1e9:.1f} GB, exceeds {plan['budget'] / 1e9:.1f} GB "
@@ -1161,20 +1174,35 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model(name: str, device: torch.device, tokenizer, seed: int = 0):
-    """The policy in fp32: at lr 1e-6, bf16 master weights would drop the update."""
+def load_model(name: str, device: torch.device, tokenizer, seed: int = 0, dtype=torch.float32):
+    """The policy, in fp32 to train: at lr 1e-6, bf16 master weights would drop the update (eval: bf16)."""
     from transformers import AutoModelForCausalLM
 
     if name == "tiny":
-        return build_tiny_model(tokenizer, seed).to(device)
-    load = lambda: AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True)  # noqa: E731 -- one call, named for from_hub
+        return build_tiny_model(tokenizer, seed).to(device, dtype)
+    load = lambda: AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)  # noqa: E731 -- one call, named for from_hub
     return from_hub(load, f"--model {name}", "--model path/to/folder").to(device)
 
 
-def load_policy(name: str, device: torch.device, seed: int = 0):
-    """(model in fp32, tokenizer)."""
+def load_policy(name: str, device: torch.device, seed: int = 0, dtype=torch.float32):
+    """(model, tokenizer); the model in fp32 unless dtype says otherwise."""
     tokenizer = load_tokenizer(name)
-    return load_model(name, device, tokenizer, seed), tokenizer
+    return load_model(name, device, tokenizer, seed, dtype), tokenizer
+
+
+def bf16_copy(model):
+    """A bf16 copy of the policy for sampling, made from the fp32 master weights (so it follows every
+    optimizer step); tied weights stay one tensor, buffers (rotary frequencies) are shared in fp32."""
+    with torch.device("meta"):
+        copy = type(model)(model.config)
+    state = model.state_dict()
+    cast = {t.data_ptr(): t.to(torch.bfloat16) for t in {t.data_ptr(): t for t in state.values()}.values()}
+    copy.load_state_dict({name: cast[t.data_ptr()] for name, t in state.items()}, assign=True)
+    for name, buffer in model.named_buffers():
+        module, _, attr = name.rpartition(".")
+        setattr(copy.get_submodule(module), attr, buffer)
+    copy.generation_config = model.generation_config
+    return copy.eval()
 
 
 def from_hub(load, what: str, local: str):
@@ -1216,11 +1244,12 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 def device_memory(cfg: Config, device: torch.device) -> float:
-    """Bytes the run may plan for: --gpu-memory-gb, else the GPU's memory, else the machine's RAM."""
+    """Bytes the run may plan for: --gpu-memory-gb, else what is free on the GPU (the CUDA context, other
+    processes and NCCL's buffers are not) plus what this process's allocator already holds, else the RAM."""
     if cfg.gpu_memory_gb > 0:
         return cfg.gpu_memory_gb * 1e9
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -1537,7 +1566,7 @@ def activation_bytes_per_token(c) -> int:
 
 
 PHASES = {  # the parts alive at the peak of each phase of a step
-    "generation": ("weights", "adamw", "autocast_weights", "gathered_model", "kv_cache", "sampling"),
+    "generation": ("weights", "adamw", "rollout_weights", "gathered_model", "kv_cache", "sampling"),
     "scoring": ("weights", "adamw", "autocast_weights", "gathered_layers", "forward_working", "lm_head_chunk"),
     "update": ("weights", "gradients", "adamw", "autocast_weights", "gathered_layers", "activations", "lm_head_chunk"),
     "optimizer step": ("weights", "gradients", "adamw", "optimizer_temporaries"),
@@ -1570,6 +1599,7 @@ def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: fl
         "micro_batch_tokens_planned": tokens, "activations_per_token_per_layer": per_layer,
         "weights": 4 * n / W, "gradients": 4 * n / W, "adamw": 8 * n / W, "optimizer_temporaries": 4 * n / W,
         "autocast_weights": 2 * n if bf16 and W == 1 else 0,  # bf16 copies of every layer, kept for backward
+        "rollout_weights": 2 * n if bf16 and W == 1 else 0,  # generate's bf16 copy of the policy
         # FSDP2 gathers weights in bf16 (fp32 without autocast): the whole model for the rollouts, and
         # otherwise the root group (embeddings, head) and about two layers at a time
         "gathered_model": (2 if bf16 else 4) * n if W > 1 else 0,
@@ -1591,7 +1621,7 @@ def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: fl
     # probabilities and top-p sort, and the prefill's transients. Gradients are freed by then.
     kv_per_seq = seq * kv_bytes_per_token(c, bf16)
     sampling_per_seq = 20 * V + cfg.max_prompt_tokens * (6 * M + 14 * D)
-    resident = plan["weights"] + plan["adamw"] + plan["autocast_weights"] + plan["gathered_model"]
+    resident = plan["weights"] + plan["adamw"] + plan["rollout_weights"] + plan["gathered_model"]
     rollouts = cfg.prompts_per_step * cfg.group_size // W
     if cfg.kv_cache_gb > 0:  # given: it wins
         per_call = max(1, int(cfg.kv_cache_gb * 1e9 // kv_per_seq))
@@ -1610,6 +1640,7 @@ def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: fl
 PART_LABELS = {
     "weights": "fp32 weights", "gradients": "fp32 gradients", "adamw": "AdamW states (2 x fp32)",
     "optimizer_temporaries": "AdamW step temporaries", "autocast_weights": "bf16 weight copies (autocast)",
+    "rollout_weights": "bf16 copy of the policy (rollouts)",
     "gathered_model": "whole weights for rollouts (FSDP)", "gathered_layers": "gathered root + layers (FSDP)",
     "kv_cache": "KV cache of one generate call", "sampling": "sampler logits + prefill",
     "forward_working": "forward without grad", "activations": "activations of a micro-batch",
