@@ -459,7 +459,8 @@ def sequence_logp(model, rollouts: Rollouts, rows: list[int], cfg: Config, with_
         hidden = hidden[:, prompt_ids.shape[1] - 1 : -1]  # (b, T, D): the state that predicts each completion token
         # Cast the head once per micro-batch: under autocast each checkpointed chunk would cast it again,
         # forward and backward (26 casts of a 151,936 x 2,048 matrix for 24 chunks).
-        weight = model.get_output_embeddings().weight.to(hidden.dtype)  # (V, D)
+        weight = model.get_output_embeddings().weight  # (V, D)
+        weight = weight.to(torch.bfloat16) if uses_bf16(cfg, device) else weight
         return token_logp(hidden, weight, completions.to(device), cfg.temperature, cfg.logit_chunk, with_entropy)
 
 
