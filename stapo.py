@@ -31,6 +31,7 @@ Test:  pytest -q
 
 import argparse
 import dataclasses
+import datetime
 import functools
 import importlib
 import importlib.util
@@ -84,6 +85,7 @@ class Config:
     seed: int = knob(0, "seed of data order and sampling")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
     precision: str = knob("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ("auto", "fp32", "bf16-autocast"))
+    dist_timeout_min: int = knob(180, "torchrun: minutes a rank may wait for the others (long rollouts)")
     # sampling
     prompts_per_step: int = knob(32, "P: problems per step (paper: 256)")
     group_size: int = knob(8, "G: samples per problem")
@@ -512,9 +514,10 @@ def train(cfg: Config):
     random.seed(cfg.seed + rank)
     tokenizer = load_tokenizer(cfg.resume or cfg.model)
     problems = load_problems(cfg, tokenizer)
-    model = load_model(cfg.resume or cfg.model, device, tokenizer, cfg.seed)
-    if world > 1:
-        shard_model(model, uses_bf16(cfg, device))
+    if world == 1:
+        model = load_model(cfg.resume or cfg.model, device, tokenizer, cfg.seed)
+    else:  # torchrun: sharded as it loads, and only rank 0 reads the whole model
+        model = load_sharded_model(cfg.resume or cfg.model, device, tokenizer, cfg.seed, uses_bf16(cfg, device))
     if plan["gradient_checkpointing"]:
         model.activation_checkpointing_enable()
     model.train()
@@ -634,6 +637,7 @@ def config_errors(cfg: Config) -> list[str]:
         ("kv_cache_gb", cfg.kv_cache_gb >= 0, "at least 0 (0: sized by the memory plan)"),
         ("gpu_memory_gb", cfg.gpu_memory_gb >= 0, "at least 0 (0: the device's own)"),
         ("gpus", cfg.gpus >= 1, "at least 1"),
+        ("dist_timeout_min", cfg.dist_timeout_min >= 1, "at least 1"),
         ("tau_p", 0 < cfg.tau_p < 1, "a probability in (0, 1); the paper uses 0.002"),
         ("q", 0 <= cfg.q <= 1, "a quantile in [0, 1]; the paper uses 0.75"),
         ("entropy_top", 0 < cfg.entropy_top <= 1, "a share in (0, 1]"),
@@ -1777,7 +1781,8 @@ def start_distributed(cfg: Config) -> torch.device:
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    timeout = datetime.timedelta(minutes=cfg.dist_timeout_min)  # a rank done early waits for the slowest rollouts
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, device_id=device if cuda else None)
     if dist.get_rank() > 0:
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
     return device
@@ -1798,6 +1803,28 @@ def shard_model(model, bf16: bool):
         group.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
     model.sharded_body = lambda **kwargs: model.base_model(**kwargs)  # sequence_logp calls the body alone,
     register_fsdp_forward_method(model, "sharded_body")  # which must still gather the root's weights
+    return model
+
+
+def load_sharded_model(name: str, device: torch.device, tokenizer, seed: int = 0, bf16: bool = False):
+    """Every rank builds the model on the meta device and shards it; rank 0 alone reads the weights and
+    sends each rank its shards, so no other rank ever holds the whole model (8 x 59 GB of RAM for 14B)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    whole = load_model(name, torch.device("cpu"), tokenizer, seed) if dist.get_rank() == 0 else None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_model_config(name))
+    shard_model(model, bf16).to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole.state_dict() if whole else {}, options=options)
+    for key, buffer in model.named_buffers():  # not in a state dict: the rotary frequencies
+        if whole:
+            buffer.copy_(whole.get_buffer(key))
+        dist.broadcast(buffer, src=0)
+    generation_config = [whole.generation_config if whole else None]  # its EOS ids
+    dist.broadcast_object_list(generation_config, src=0)
+    model.generation_config = generation_config[0]
     return model
 
 

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -1437,6 +1438,55 @@ def test_the_update_does_not_depend_on_the_number_of_processes(tiny, tmp_path):
         assert worst < 1e-6 and moved > 1e-4
         assert spurious == two_spurious and (mask != "s2t" or len(spurious) > 0)
     assert out["lengths"] == [4, 48]  # the rank that stopped early did not hang the other
+
+
+def sharded_load_worker(rank: int, port: int, folder: str, out_file: str):
+    """One of two gloo ranks loads a model folder sharded; records what each rank read whole."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    reads, load_model = [], stapo.load_model
+    stapo.load_model = lambda *args, **kwargs: reads.append(args[0]) or load_model(*args, **kwargs)
+    model = stapo.load_sharded_model(folder, CPU, stapo.load_tokenizer(folder))
+    local = {k: p.to_local().numel() for k, p in model.named_parameters()}  # this rank's shards
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    buffers = stapo.all_records([{k: b.clone() for k, b in model.named_buffers()}])
+    reads = stapo.all_records([reads])
+    eos = stapo.all_records([model.generation_config.eos_token_id])
+    if rank == 0:
+        torch.save({"weights": weights, "buffers": buffers, "reads": reads, "local": local, "eos": eos}, out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_torchrun_loads_weights_on_rank_0_only_into_the_shards(tmp_path):
+    model, tok = stapo.load_policy("tiny", CPU, seed=3)  # not the weights a rank would build by itself
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    run_two_ranks(sharded_load_worker, (free_port(), str(tmp_path / "model"), str(tmp_path / "out.pt")))
+    out = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert out["reads"] == [[str(tmp_path / "model")], []]  # rank 1 never loads the whole model
+    one = model.state_dict()
+    assert sum(out["local"].values()) < sum(p.numel() for p in model.parameters())  # rank 0 keeps a shard too
+    assert all(torch.equal(out["weights"][k], one[k]) for k in out["weights"]) and len(out["weights"]) >= len(
+        dict(model.named_parameters())
+    )
+    for buffers in out["buffers"]:  # the rotary frequencies, not in a state dict, reach rank 1 as well
+        assert all(torch.equal(b, model.get_buffer(k)) for k, b in buffers.items())
+    assert out["eos"][0] == out["eos"][1] == model.generation_config.eos_token_id
+
+
+def test_the_process_group_waits_as_long_as_dist_timeout_min(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    stapo.start_distributed(tiny_cfg(device="cpu", dist_timeout_min=240))
+    assert calls == [(("gloo",), {"timeout": datetime.timedelta(minutes=240), "device_id": None})]
 
 
 def torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
