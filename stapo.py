@@ -576,7 +576,7 @@ def plan_or_stop(model_config, cfg: Config, device: torch.device, world_size: in
 
 def parse_args(argv=None) -> Config:
     """CLI flags from the dataclass. With --resume, the run's saved config is the base."""
-    epilog = "python stapo.py --plot RUN_DIR [RUN_DIR ...] [--out FILE]: one PNG of the runs' curves"
+    epilog = "curves of finished runs: python plot.py RUN_DIR [RUN_DIR ...]"
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS, epilog=epilog
     )
@@ -687,13 +687,6 @@ def device_error(device: str) -> str | None:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "--plot" in argv:  # python stapo.py --plot RUN_DIR [RUN_DIR ...] [--out FILE]
-        parser = argparse.ArgumentParser(description="curves of finished runs, one PNG (needs matplotlib)")
-        parser.add_argument("--plot", nargs="+", metavar="RUN_DIR", required=True)
-        parser.add_argument("--out", help="the PNG to write (default: stapo_curves.png)")
-        args = parser.parse_args(argv)
-        return print(f"wrote {plot_runs(args.plot, args.out)}")
     cfg = parse_args(argv)
     if cfg.dry_run:
         return dry_run(cfg)
@@ -1876,60 +1869,7 @@ def load_sharded_optimizer(model, optimizer, folder: Path):
 
 
 # ----------------------------------------------------------------------------------------------
-# G. Curves and trackers: python stapo.py --plot RUN_DIR ..., and --report-to wandb|trackio|tensorboard.
-
-
-def method_name(config: dict) -> str:
-    """The paper's name for a run, from its stapo_config.json."""
-    if config["mask"] == "s2t":
-        return "STAPO"
-    if config["mask"] == "high-entropy":
-        return "20-Entropy"
-    return "GRPO" if config.get("loss_agg") == "sequence" else "JustRL"
-
-
-# One panel per metric: (key in metrics.jsonl, title, factor). One line per run, the same colour in every panel.
-PANELS = [
-    ("reward", "reward (mean over B)", 1), ("entropy", "entropy H (nats)", 1),
-    ("spurious_frac", "silenced tokens (%)", 100), ("tau_h", "tau_h (S2T entropy threshold)", 1),
-    ("len_mean", "response length (tokens)", 1), ("truncated_frac", "truncated responses (%)", 100),
-    ("clip_frac", "clipped tokens (%)", 100), ("grad_norm", "gradient norm (before clipping)", 1),
-]  # fmt: skip
-
-
-def plot_runs(run_dirs: list[str], out: str | None = None) -> Path:
-    """Curves of STAPO and its baselines side by side, like the paper's figures: one PNG, one line per run."""
-    runs = []
-    for run in map(Path, run_dirs):
-        if not (run / "metrics.jsonl").exists() or not (run / "stapo_config.json").exists():
-            raise SystemExit(f"{run}: no metrics.jsonl and stapo_config.json here; is it a stapo run folder?")
-        label = f"{method_name(json.loads((run / 'stapo_config.json').read_text()))} ({run.resolve().name})"
-        runs.append((label, read_jsonl(run / "metrics.jsonl")))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
-    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5), sharex=True)
-    for label, records in runs:
-        steps = [r["step"] for r in records]
-        for ax, (key, title, factor) in zip(axes.flat, PANELS, strict=True):
-            values = [r[key] * factor if r.get(key) is not None else float("nan") for r in records]  # None: a gap
-            ax.plot(steps, values, label=label, linewidth=1.2)
-            ax.set_title(title, fontsize=10)
-    for ax in axes[1]:
-        ax.set_xlabel("step")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))  # leave the top for the legend
-    path = Path(out or "stapo_curves.png")
-    if path.suffix != ".png" or not path.parent.is_dir():
-        raise SystemExit(f"--out {path}: must be a .png file in an existing folder")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+# G. Trackers: --report-to wandb|trackio|tensorboard (curves of finished runs: plot.py).
 
 
 def numbers(metrics: dict) -> dict:
