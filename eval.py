@@ -8,14 +8,19 @@ Reported per benchmark: avg@k (mean accuracy over the k samples, the paper's num
 pass@k for k = 1, 2, 4, ..., the share of answers without \\boxed{}, mean length, truncation rate;
 and "Avg", the unweighted mean of the benchmarks' avg@k.
 
-Every sample is appended to <output-dir>/generations.jsonl when its batch is done; rerunning the
-same command skips finished batches (each batch has its own seed, so the final table is the same
-as without the interruption). A rerun with any other setting is refused (settings.json).
+A benchmark's samples form one queue, sorted by prompt length and cut into as few generate calls as
+the memory plan allows (no --batch-size): bf16 weights on a GPU (nothing is trained: no fp32 copy) and
+per sequence its KV cache and sampler memory; `--dry-run` prints the plan line from the model's config.
+Every sample is appended to <output-dir>/generations.jsonl when its call is done; rerunning the
+same command skips finished calls (each call has its own seed, so the final table is the same
+as without the interruption). A rerun with any other setting, the plan's sequences per call
+included, is refused (settings.json).
 `--score FILE` rebuilds the table from a generations file without a model, into
 <FILE stem>.score-<grader>.md/.json beside FILE, so it never overwrites a run's results.md.
 
     python eval.py --model runs/stapo/step-000200                # all six, from the Hub
     python eval.py --model tiny --data-dir ../shared/benchmarks --limit 5
+    python eval.py --model Qwen/Qwen3-14B --dry-run              # does it fit one GPU?
     python eval.py --score evals/stapo-step-000200_t1.0_p1.0/generations.jsonl --grader both
 """
 
@@ -86,7 +91,11 @@ def load_benchmark(name: str, data_dir: str | Path | None = None) -> list[dict]:
     else:
         import datasets
 
-        source, unit, rows = bench.hub_id, "row", enumerate(datasets.load_dataset(bench.hub_id, split=bench.split))
+        try:
+            source, unit, rows = bench.hub_id, "row", enumerate(datasets.load_dataset(bench.hub_id, split=bench.split))
+        except (OSError, ValueError) as e:  # offline: ConnectionError; a missing set: DatasetNotFoundError
+            raise SystemExit(f"{name}: cannot load {bench.hub_id} from the Hugging Face Hub ({type(e).__name__}): "
+                             "pass --data-dir, a folder of the six offline jsonl files") from None  # fmt: skip
     examples = []
     for n, row in rows:
         example = benchmark_example(name, row)
@@ -243,19 +252,47 @@ def write_results(rows: list[dict], json_path: Path, md_path: Path, grader: str)
 # Generation
 
 
-def batch_seed(seed: int, name: str, batch: int) -> int:
-    return zlib.crc32(f"{seed}/{name}/{batch}".encode())
+def memory_plan(args, device: torch.device | None, prompt_tokens: int) -> dict:
+    """Bytes on device (None: a GPU of --gpu-memory-gb or 80 GB): the weights, 2 or 4 a parameter (no gradients,
+    no AdamW), and per sequence of a generate call its KV cache and the sampler's fp32 logits and prefill
+    transients, as stapo.plan_memory counts them. --kv-cache-gb 0: as many sequences as HEADROOM leaves room for."""
+    c, seq = stapo.load_model_config(args.model), prompt_tokens + args.max_new_tokens
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and (device is None or device.type == "cuda"))
+    device_bytes = stapo.device_memory(stapo.Config(gpu_memory_gb=args.gpu_memory_gb or (0 if device else 80)), device)
+    weights, kv_per_seq = (2 if bf16 else 4) * stapo.parameter_count(c), seq * stapo.kv_bytes_per_token(c, bf16)
+    sampling_per_seq = 20 * c.vocab_size + prompt_tokens * (6 * c.intermediate_size + 14 * c.hidden_size)
+    free = args.kv_cache_gb * 1e9 or stapo.HEADROOM * device_bytes - weights
+    n = max(1, int(free // (kv_per_seq + (0 if args.kv_cache_gb else sampling_per_seq))))
+    return {"bf16": bf16, "weights": weights, "sequences_per_call": n, "tokens_per_sequence": seq,
+            "kv_cache": n * kv_per_seq, "sampling": n * sampling_per_seq, "budget": stapo.HEADROOM * device_bytes,
+            "total": weights + n * (kv_per_seq + sampling_per_seq)}  # fmt: skip
+
+
+def plan_line(plan: dict, name: str) -> str:
+    fits, gb = "fits" if plan["total"] <= plan["budget"] else "DOES NOT FIT", 1e9
+    return (f"plan: {name} weights {plan['weights'] / gb:.1f} GB ({'bf16' if plan['bf16'] else 'fp32'}) + KV "
+            f"{plan['kv_cache'] / gb:.1f} GB + sampler {plan['sampling'] / gb:.1f} GB for {plan['sequences_per_call']} "
+            f"sequences of {plan['tokens_per_sequence']:,} tokens per generate call = {plan['total'] / gb:.1f} GB "
+            f"of {plan['budget'] / gb:.1f} GB ({fits})")  # fmt: skip
+
+
+def call_seed(seed: int, name: str, call: int) -> int:
+    return zlib.crc32(f"{seed}/{name}/{call}".encode())
+
+
+def refuse_other_settings(out_dir: Path, settings: dict):
+    """SystemExit if out_dir holds a run made with other values of these settings."""
+    saved = json.loads((out_dir / "settings.json").read_text()) if (out_dir / "settings.json").exists() else settings
+    changed = "; ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v)
+    if changed:
+        raise SystemExit(f"{out_dir} holds a run with other settings ({changed}): pick another --output-dir")
 
 
 def open_run(out_dir: Path, settings: dict) -> tuple[Path, dict]:
     """The generations file of out_dir and {(benchmark, problem, sample): correct} of what it already holds."""
+    refuse_other_settings(out_dir, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings_path, gen_path = out_dir / "settings.json", out_dir / "generations.jsonl"
-    if settings_path.exists():
-        saved = json.loads(settings_path.read_text())
-        changed = "; ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v)
-        if changed:
-            raise SystemExit(f"{out_dir} holds a run with other settings ({changed}): pick another --output-dir")
     settings_path.write_text(json.dumps(settings, indent=2))
     if not gen_path.exists():
         return gen_path, {}
@@ -266,20 +303,24 @@ def open_run(out_dir: Path, settings: dict) -> tuple[Path, dict]:
     return gen_path, {(r["benchmark"], r["problem_idx"], r["sample_idx"]): r["correct"] for r in done}
 
 
-def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, args, cfg, gen_path: Path, have: dict):
-    """k samples of every problem, in fixed seeded batches; batches already in `have` are skipped, new ones added."""
-    prompts = [stapo.encode_prompt(e["problem"], tokenizer, args.prompt_format) for e in examples]
-    items = [(i, j) for i in range(len(examples)) for j in range(k)]
-    batches = [items[b : b + args.batch_size] for b in range(0, len(items), args.batch_size)]
+def sample_benchmark(model, tokenizer, name: str, examples: list[dict], prompts: list, k: int, plan: dict,
+                     cfg, seed: int, gen_path: Path, have: dict):  # fmt: skip
+    """k samples of every problem: one queue of (problem, sample) items sorted by prompt length (less padding),
+    cut into as few generate calls as the plan allows, evenly filled, each seeded by its index; calls whose
+    samples are all in `have` are skipped, the others' new samples added."""
+    items = sorted(((i, j) for i in range(len(examples)) for j in range(k)), key=lambda item: len(prompts[item[0]]))
+    calls = math.ceil(len(items) / plan["sequences_per_call"])
     bar = tqdm(total=len(items), desc=f"{name} samples", disable=None)
-    for b, batch in enumerate(batches):
-        if all((name, i, j) in have for i, j in batch):
-            bar.update(len(batch))
+    for c in range(calls):
+        call = items[c * len(items) // calls : (c + 1) * len(items) // calls]
+        if all((name, i, j) in have for i, j in call):
+            bar.update(len(call))
             continue
-        torch.manual_seed(batch_seed(args.seed, name, b))  # a batch's samples do not depend on what ran before
-        rollouts = stapo.generate(model, tokenizer, [prompts[i] for i, _ in batch], cfg, desc="generate")
+        torch.manual_seed(call_seed(seed, name, c))  # a call's samples do not depend on what ran before
+        rollouts = stapo.generate(model, tokenizer, [prompts[i] for i, _ in call], cfg, f"generate {c + 1}/{calls}",
+                                  kv_cache_bytes=plan["kv_cache"])  # fmt: skip
         records = []
-        for row, (i, j) in enumerate(batch):
+        for row, (i, j) in enumerate(call):
             if (name, i, j) in have:
                 continue
             ids = rollouts.completions[row, rollouts.completion_mask[row]]
@@ -290,7 +331,7 @@ def sample_benchmark(model, tokenizer, name: str, examples: list[dict], k: int, 
                             "completion": text})  # fmt: skip
         stapo.append_jsonl(gen_path, records)
         have |= {(name, r["problem_idx"], r["sample_idx"]): r["correct"] for r in records}
-        bar.update(len(batch))
+        bar.update(len(call))
     bar.close()
     return {(name, i, j) for i, j in items}
 
@@ -305,26 +346,36 @@ def evaluate(args) -> str:
     if args.grader != "regex":
         load_math_verify()  # missing: say so now, not after hours of sampling
     device = stapo.resolve_device(stapo.Config(device=args.device))
-    # Everything that changes a sample or a score. The KV budget is here because it sets how a batch splits
-    # into generate calls, and the device type because "auto" precision and the kernels depend on it.
+    # Everything that changes a sample or a score: the device type because precision "auto" and the kernels
+    # depend on it, and (below) the plan's sequences per call because it cuts the queue into generate calls.
     data = str(Path(args.data_dir).resolve()) if args.data_dir else "hub"
     settings = {"model": args.model, "temperature": temperature, "top_p": top_p, "max_new_tokens": args.max_new_tokens,
-                "seed": args.seed, "prompt_format": args.prompt_format, "batch_size": args.batch_size,
-                "samples": args.samples, "limit": args.limit, "data": data, "precision": args.precision,
-                "device": device.type, "kv_cache_gb": args.kv_cache_gb, "grader": args.grader}  # fmt: skip
+                "seed": args.seed, "prompt_format": args.prompt_format, "samples": args.samples, "limit": args.limit,
+                "data": data, "precision": args.precision, "device": device.type, "grader": args.grader}  # fmt: skip
     name = "-".join(Path(args.model).parts[-2:]) if Path(args.model).name.startswith("step-") else Path(args.model).name
     out_dir = Path(args.output_dir or f"evals/{name}_t{temperature}_p{top_p}")  # runs/stapo/step-N: stapo-step-N
+    refuse_other_settings(out_dir, settings)  # now, before the tokenizer and the plan are loaded
     benchmarks = {name: load_benchmark(name, args.data_dir)[: args.limit] for name in names}  # bad files fail here
-    gen_path, have = open_run(out_dir, settings)
+    tokenizer = stapo.load_tokenizer(args.model)
+    prompts = {name: [stapo.encode_prompt(e["problem"], tokenizer, args.prompt_format) for e in examples]
+               for name, examples in benchmarks.items()}  # fmt: skip
+    plan = memory_plan(args, device, max(len(p) for ps in prompts.values() for p in ps))
+    line = plan_line(plan, Path(args.model).name)
+    print(line, flush=True)
+    if plan["total"] > plan["budget"]:  # before a run folder is made
+        fixes = ["--kv-cache-gb 0"] * (args.kv_cache_gb > 0) + ["--precision bf16"] * (not plan["bf16"])
+        raise SystemExit(f"{line}: refused; try {' or '.join([*fixes, 'a shorter --max-new-tokens', 'more memory'])}")
+    gen_path, have = open_run(out_dir, settings | {"sequences_per_call": plan["sequences_per_call"]})
     print(f"eval: writing to {out_dir.resolve()}", flush=True)  # flushed: a batch job's log shows it at once
 
-    model, tokenizer = stapo.load_policy(args.model, device)
+    model = stapo.load_model(args.model, device, tokenizer, dtype=torch.bfloat16 if plan["bf16"] else torch.float32)
     cfg = stapo.Config(temperature=temperature, top_p=top_p, max_new_tokens=args.max_new_tokens,
-                       kv_cache_gb=args.kv_cache_gb, precision=args.precision)  # fmt: skip
+                       precision="bf16-autocast" if plan["bf16"] else "fp32")  # fmt: skip
     wanted = set()
     for name, examples in benchmarks.items():
         k, start = args.samples or BENCHMARKS[name].samples, time.perf_counter()  # samples None: the paper's number
-        keys = sample_benchmark(model, tokenizer, name, examples, k, args, cfg, gen_path, have)
+        keys = sample_benchmark(model, tokenizer, name, examples, prompts[name], k, plan, cfg, args.seed, gen_path,
+                                have)  # fmt: skip
         wanted |= keys
         avg = sum(have[key] for key in keys) / len(keys)
         print(f"{name} | {len(examples)} problems x {k} samples | avg@{k} {100 * avg:.1f} (regex) | "
@@ -350,6 +401,7 @@ def number(kind, allowed: str, ok):
 
 COUNT = number(int, "a whole number >= 1", lambda v: v >= 1)
 POSITIVE = number(float, "a number > 0", lambda v: 0 < v < math.inf)
+NON_NEGATIVE = number(float, "a number >= 0", lambda v: 0 <= v < math.inf)
 PROBABILITY = number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
@@ -365,11 +417,14 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=COUNT, help="samples per problem (default: the paper's 32 or 4)")
     p.add_argument("--max-new-tokens", type=COUNT, help="response cap (default: the paper's 20,480; 64 for tiny)")
     p.add_argument("--limit", type=COUNT, help="only the first N problems of each benchmark")
-    p.add_argument("--batch-size", type=COUNT, default=64, help="sequences per seeded generation batch")
-    p.add_argument("--kv-cache-gb", type=POSITIVE, default=16.0, help="KV-cache budget of one generate call")
+    p.add_argument("--kv-cache-gb", type=NON_NEGATIVE, default=0.0,
+                   help="KV-cache budget of one generate call; 0: what the memory plan leaves free")  # fmt: skip
+    p.add_argument("--gpu-memory-gb", type=POSITIVE, help="memory to plan for (default: what is free on the device; "
+                   "80 for --dry-run without a GPU)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan from the model's config alone, exit")
     p.add_argument("--prompt-format", choices=("chat", "plain"), default="chat", help="as in training")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16-autocast"), default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")  # fmt: skip
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="weights and KV cache; auto: bf16 on CUDA, fp32 on CPU")  # fmt: skip
     grader_help = "regex: stapo.py's verifier; math-verify (pip install math-verify); both: regex + agreement"
     p.add_argument("--grader", choices=GRADERS, default="regex", help=grader_help)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -385,6 +440,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.model and args.dry_run:  # no weights, no data: prompts up to the trainer's --max-prompt-tokens
+        gpu = torch.device("cuda") if torch.cuda.is_available() else None
+        return print(plan_line(memory_plan(args, gpu, stapo.Config().max_prompt_tokens), Path(args.model).name))
     if args.model and (problem := stapo.device_error(args.device)):
         raise SystemExit(problem)
     if args.score:

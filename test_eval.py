@@ -6,6 +6,7 @@ import re
 import shutil
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -54,9 +55,9 @@ def record(benchmark: str, problem: int, sample: int, correct: bool = True, **fi
 TORN = b'{"benchmark": "aime24", "problem_idx": 0, "sam'  # what a kill during an append leaves
 
 
-def eval_args(data_dir, out, *extra):
+def eval_args(data_dir, out, *extra):  # 3 or 4 tiny fp32 sequences (0.5 kB a token) per generate call
     return ["--model", "tiny", "--data-dir", str(data_dir), "--samples", "3", "--max-new-tokens", "12",
-            "--batch-size", "4", "--output-dir", str(out), *extra]  # fmt: skip
+            "--kv-cache-gb", "0.00025", "--output-dir", str(out), *extra]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,6 +107,16 @@ def test_malformed_benchmark_file_names_file_and_line(data_dir, tmp_path, amc23,
         ev.main(eval_args(data_dir, tmp_path / "out", "--benchmarks", "amc23"))
     assert str(e.value).startswith(f"{data_dir / 'amc23.jsonl'}: ") and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()  # checked before a run folder is made
+
+
+def test_without_data_dir_a_hub_failure_names_data_dir(tmp_path, monkeypatch):
+    def offline(path, split):  # what datasets 5 raises with HF_HUB_OFFLINE=1 or no network
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(SystemExit, match=r"^amc23: cannot load math-ai/amc23 .*: pass --data-dir") as e:
+        ev.main(["--model", "tiny", "--benchmarks", "amc23", "--output-dir", str(tmp_path / "run")])
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()  # was a traceback from datasets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,12 +286,12 @@ def test_a_device_the_machine_lacks_is_named(data_dir, tmp_path):
         ("--max-new-tokens", "8", "max_new_tokens"),
         ("--seed", "1", "seed"),
         ("--prompt-format", "plain", "prompt_format"),
-        ("--batch-size", "2", "batch_size"),
         ("--samples", "2", "samples"),
-        ("--limit", "1", "limit"),  # a shorter last batch samples differently
+        ("--limit", "1", "limit"),  # a shorter queue is cut into other calls
         ("--data-dir", "copy", "data"),  # the same files in another folder: maybe not the same files next time
-        ("--precision", "bf16-autocast", "precision"),
-        ("--kv-cache-gb", "0.001", "kv_cache_gb"),  # splits a batch into more generate calls
+        ("--precision", "bf16", "precision"),
+        ("--kv-cache-gb", "0.001", "sequences_per_call"),  # cuts the queue into other generate calls
+        ("--kv-cache-gb", "0", "sequences_per_call"),  # automatic: what the memory plan leaves free
         ("--grader", "both", "grader"),  # the same samples, but results.md would change its meaning
     ],
 )
@@ -300,12 +311,88 @@ def test_eval_says_where_it_writes_then_one_line_per_finished_benchmark(data_dir
     monkeypatch.chdir(tmp_path)  # a relative --output-dir is reported as an absolute path
     ev.main(eval_args(data_dir, "run", "--benchmarks", "amc23,aime24"))
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"eval: writing to {(tmp_path / 'run').resolve()}"
+    assert re.fullmatch(r"plan: tiny weights 0.0 GB \(fp32\) \+ KV 0.0 GB \+ sampler 0.0 GB for 4 sequences of "
+                        r"105 tokens per generate call = 0.0 GB of \d+.\d GB \(fits\)", out[0])  # fmt: skip
+    assert out[1] == f"eval: writing to {(tmp_path / 'run').resolve()}"
     records = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
-    for line, name in zip(out[1:3], ["amc23", "aime24"], strict=True):
+    for line, name in zip(out[2:4], ["amc23", "aime24"], strict=True):
         avg = 100 * sum(r["correct"] for r in records if r["benchmark"] == name) / 6
         assert re.fullmatch(rf"{name} \| 2 problems x 3 samples \| avg@3 {avg:.1f} \(regex\) \| \d+s", line)
-    assert out[3].startswith("| benchmark | problems | avg@k |")
+    assert out[4].startswith("| benchmark | problems | avg@k |")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: the memory plan, one queue per benchmark, precision and presets
+
+
+@pytest.fixture
+def generate_calls(monkeypatch):
+    """What eval passes to each stapo.generate call, which still runs."""
+    calls, real = [], stapo.generate
+
+    def recording(model, tokenizer, prompts, cfg, desc="rollouts", kv_cache_bytes=None):
+        per_generate = stapo.sequences_per_generate(model, max(len(p) for p in prompts), cfg, kv_cache_bytes)
+        calls.append({"cfg": cfg, "dtypes": {p.dtype for p in model.parameters()}, "prompts": [len(p) for p in prompts],
+                      "per_generate": per_generate})  # fmt: skip
+        return real(model, tokenizer, prompts, cfg, desc, kv_cache_bytes)
+
+    monkeypatch.setattr(stapo, "generate", recording)
+    return calls
+
+
+def test_dry_run_plans_qwen3_14b_on_one_80gb_gpu(tmp_path, capsys):
+    from transformers import Qwen3Config
+
+    folder = tmp_path / "Qwen3-14B"
+    Qwen3Config(vocab_size=151_936, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+                tie_word_embeddings=False).save_pretrained(folder)  # fmt: skip
+    argv = ["--model", str(folder), "--max-new-tokens", "20480", "--gpu-memory-gb", "80"]
+    plan = ev.memory_plan(ev.parse_args(argv), None, 1024)  # None: a GPU, as --dry-run plans for
+    per_sequence = (plan["kv_cache"] + plan["sampling"]) / plan["sequences_per_call"]
+    assert plan["bf16"] and plan["weights"] == 2 * stapo.parameter_count(Qwen3Config.from_pretrained(folder))
+    assert plan["total"] <= 72e9 < plan["total"] + per_sequence  # fits 90 % of 80 GB, with as many sequences as fit
+    ev.main([*argv, "--dry-run"])
+    out = capsys.readouterr().out
+    assert out == ev.plan_line(plan, "Qwen3-14B") + "\n" and "(bf16)" in out and out.endswith("(fits)\n")
+
+
+def test_a_plan_that_does_not_fit_is_refused_before_a_run_folder(data_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"^plan: tiny weights .*\(DOES NOT FIT\): refused; try --kv-cache-gb 0") as e:
+        ev.main(eval_args(data_dir, tmp_path / "run", "--gpu-memory-gb", "0.0001"))  # 0.1 MB: not the weights
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_one_queue_per_benchmark_sorted_by_prompt_length_and_cut_evenly(data_dir, tmp_path, generate_calls):
+    # aime25: problem 0's prompt is 125 tokens, problem 1's 92; 8 samples, 3 fit a call -> 3 calls of 2, 3, 3
+    ev.main(eval_args(data_dir, tmp_path / "run", "--benchmarks", "aime25", "--samples", "4"))
+    assert [c["prompts"] for c in generate_calls] == [[92, 92], [92, 92, 125], [125, 125, 125]]
+    assert all(c["per_generate"] >= len(c["prompts"]) for c in generate_calls)  # each one call of HF generate
+    records = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert [(r["problem_idx"], r["sample_idx"]) for r in records] == [(i, j) for i in (1, 0) for j in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("flags", "temperature", "top_p"),
+    [
+        ([], 1.0, 1.0),  # t1.0, training-aligned
+        (["--preset", "t0.7"], 0.7, 0.9),
+        (["--preset", "t0.7", "--temperature", "0.5"], 0.5, 0.9),  # a flag overrides its half of the preset
+    ],
+)
+def test_the_sampler_gets_the_presets_temperature_and_top_p(data_dir, tmp_path, generate_calls, flags, temperature,
+                                                             top_p):  # fmt: skip
+    ev.main(eval_args(data_dir, tmp_path / "run", "--benchmarks", "amc23", "--limit", "1", "--samples", "1", *flags))
+    assert [(c["cfg"].temperature, c["cfg"].top_p) for c in generate_calls] == [(temperature, top_p)]
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("auto", torch.float32), ("bf16", torch.bfloat16)])  # auto: CPU fp32
+def test_precision_is_the_dtype_of_the_weights(data_dir, tmp_path, capsys, generate_calls, precision, dtype):
+    flags = ["--benchmarks", "amc23", "--samples", "2", "--precision", precision, "--device", "cpu"]
+    ev.main(eval_args(data_dir, tmp_path / "run", *flags))  # bf16: loaded in bf16, no fp32 copy, sampled from as is
+    assert generate_calls and all(c["dtypes"] == {dtype} for c in generate_calls)
+    assert f"({'bf16' if dtype == torch.bfloat16 else 'fp32'}) + KV" in capsys.readouterr().out.splitlines()[0]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["amc23"]["samples"] == 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,14 +406,15 @@ def test_eval_says_where_it_writes_then_one_line_per_finished_benchmark(data_dir
         ("--limit", "0", "give a whole number >= 1"),
         ("--samples", "0", "give a whole number >= 1"),  # was the paper's 32 or 4
         ("--samples", "2.5", "give a whole number >= 1"),
-        ("--batch-size", "0", "give a whole number >= 1"),
         ("--max-new-tokens", "-1", "give a whole number >= 1"),
         ("--temperature", "0", "give a number > 0"),
         ("--temperature", "nan", "give a number > 0"),
-        ("--kv-cache-gb", "inf", "give a number > 0"),
+        ("--kv-cache-gb", "inf", "give a number >= 0"),
+        ("--kv-cache-gb", "-1", "give a number >= 0"),
+        ("--gpu-memory-gb", "0", "give a number > 0"),
         ("--top-p", "0", "give a number in (0, 1]"),
         ("--top-p", "1.5", "give a number in (0, 1]"),
-        ("--precision", "bf16", "invalid choice: 'bf16'"),  # was a silent fp32 run
+        ("--precision", "bf16-autocast", "invalid choice: 'bf16-autocast'"),  # eval has no fp32 weights to cast
     ],
 )
 def test_flags_refuse_values_outside_their_range(capsys, flag, value, allowed):
@@ -340,7 +428,7 @@ def test_help_lists_the_choices(capsys):
     with pytest.raises(SystemExit):
         ev.main(["--help"])
     out = capsys.readouterr().out
-    assert all(choices in out for choices in ("{auto,fp32,bf16-autocast}", "{regex,math-verify,both}", "{chat,plain}"))
+    assert all(choices in out for choices in ("{auto,fp32,bf16}", "{regex,math-verify,both}", "{chat,plain}"))
 
 
 # ----------------------------------------------------------------------------------------------
