@@ -245,7 +245,7 @@ def write_results(rows: list[dict], json_path: Path, md_path: Path, grader: str)
     table = markdown_table(results)
     json_path.write_text(json.dumps(results, indent=2))
     md_path.write_text(table + "\n")
-    return table
+    return f"{table}\nwrote {md_path} and {json_path}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,6 +440,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    stapo.quiet_libraries()
     if args.model and args.dry_run:  # no weights, no data: prompts up to the trainer's --max-prompt-tokens
         gpu = torch.device("cuda") if torch.cuda.is_available() else None
         return print(plan_line(memory_plan(args, gpu, stapo.Config().max_prompt_tokens), Path(args.model).name))

@@ -71,7 +71,7 @@ def draw(runs: list[tuple[str, list[dict]]]):
     for ax, (key, title, factor) in zip(axes.flat, PANELS, strict=True):
         for label, records in runs:
             values = [r[key] * factor if r.get(key) is not None else float("nan") for r in records]
-            ax.plot([r["step"] for r in records], values, label=label, linewidth=1.2)
+            ax.plot([r["step"] for r in records], values, label=label, linewidth=1.2, marker=".", markersize=3)
         if all(r.get(key) is None for _, records in runs for r in records):  # e.g. tau_h of runs that silence nothing
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
             ax.set_yticks([])  # not a meaningless 0 +- 0.04 scale

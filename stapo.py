@@ -35,6 +35,7 @@ import datetime
 import functools
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -73,7 +74,11 @@ MASKS = ("s2t", "none", "high-entropy")
 @dataclass
 class Config:
     # model and data
-    model: str = knob("Qwen/Qwen3-1.7B-Base", "HF id or path; 'tiny' = random CPU model")
+    model: str = knob(
+        "Qwen/Qwen3-1.7B-Base",
+        "HF id or path; tiny: a random CPU model (P 8, 64 new tokens unless "
+        "given); tiny-sft: tiny taught the answer format first (the CPU demo)",
+    )
     dataset: str = knob("BytedTsinghua-SIA/DAPO-Math-17k", "Hub id, local .jsonl/.json/.parquet, or 'toy' (sums)")
     dataset_config: str | None = knob(None, "Hub dataset config name")
     split: str = knob("train", "dataset split (local files: train)")
@@ -104,7 +109,7 @@ class Config:
     eps_low: float = knob(0.2, "lower clip range")
     eps_high: float = knob(0.28, "upper clip range (clip-higher; GRPO: 0.2)")
     dual_clip: float = knob(3.0, "veRL's dual-clip bound on ratios of A < 0 tokens (0 = off)")
-    steps: int = knob(200, "training steps (one rollout batch each)")
+    steps: int = knob(200, "training steps in all, one rollout batch each (with --resume too: the total)")
     lr: float = knob(1e-6, "AdamW learning rate, constant after warm-up")
     warmup_steps: int = knob(10, "linear warm-up steps")
     weight_decay: float = knob(0.1, "AdamW weight decay")
@@ -130,6 +135,7 @@ class Config:
 
 
 TINY_DEFAULTS = {"prompts_per_step": 8, "max_new_tokens": 64}  # --model tiny: seconds per step on a CPU
+TINY = ("tiny", "tiny-sft")  # random; then taught the answer format (teach_format): the CPU demo
 
 
 # ==============================================================================================
@@ -568,9 +574,8 @@ def plan_or_stop(model_config, cfg: Config, device: torch.device, world_size: in
     if plan["peak"] > plan["budget"]:
         fixes = fixes_that_fit(model_config, cfg, world_size, device_bytes, device.type)
         sys.exit(f"the planned peak, {plan['peak'] / 1e9:.1f} GB, exceeds {plan['budget'] / 1e9:.1f} GB "
-                 f"({HEADROOM:.0%} of {device_bytes / 1e9:.1f} GB on {device}); "
-                 + (f"each of these fits: {'; '.join(fixes)}" if fixes else "no single flag fixes it")
-                 + "; add --dry-run to see the whole plan")  # fmt: skip
+                 f"({HEADROOM:.0%} of {device_bytes / 1e9:.1f} GB on {device}); {fixes}; add --dry-run to see "
+                 "the whole plan")  # fmt: skip
     return plan
 
 
@@ -589,10 +594,13 @@ def parse_args(argv=None) -> Config:
         else:
             kind = {int: int, float: float}.get(f.type, str)
             parser.add_argument(flag, type=kind, choices=choices, help=help_text)
+    parser.error = lambda message: parser.exit(2, f"stapo.py: error: {message}\n")  # one line; --help has usage
     given = vars(parser.parse_args(argv))
     base = {}
     if "resume" in given:  # the checkpoint's config, then every flag given on top of it
         ckpt = Path(given["resume"])
+        if not ckpt.is_dir():
+            parser.error(f"--resume {ckpt}: no such folder")
         if not (ckpt / "trainer_state.pt").exists() or not (ckpt / "stapo_config.json").exists():
             parser.error(f"--resume {ckpt}: not a checkpoint folder (no trainer_state.pt and stapo_config.json)")
         if checkpoint_step(ckpt) < 0:
@@ -613,12 +621,10 @@ def parse_args(argv=None) -> Config:
         base["output_dir"] = str(ckpt.parent)  # the checkpoint's own run, unless --output-dir branches off
         if given.get("steps", base["steps"]) <= checkpoint_step(ckpt):
             parser.error(f"--steps {given.get('steps', base['steps'])}: {ckpt} is at step {checkpoint_step(ckpt)} "
-                         "already; give more steps")  # fmt: skip
+                         "already, and --steps counts all the steps of the run; give more")  # fmt: skip
     defaults = {}
-    if given.get("model", base.get("model")) == "tiny":  # CPU-sized unless set: seconds per step, not minutes
+    if given.get("model", base.get("model")) in TINY:  # CPU-sized unless set: seconds per step, not minutes
         defaults = TINY_DEFAULTS
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"--model tiny: {TINY_DEFAULTS} unless given on the command line")
     cfg = Config(**{**defaults, **base, **given})
     for problem in config_errors(cfg):
         parser.error(problem)
@@ -688,6 +694,7 @@ def device_error(device: str) -> str | None:
 
 def main(argv=None):
     cfg = parse_args(argv)
+    quiet_libraries()
     if cfg.dry_run:
         return dry_run(cfg)
     try:
@@ -705,8 +712,7 @@ def dry_run(cfg: Config):
     plan = plan_memory(model_config, cfg, cfg.gpus, device_bytes)
     print(format_plan(plan, model_config, cfg))
     if plan["peak"] > plan["budget"]:
-        fixes = fixes_that_fit(model_config, cfg, cfg.gpus, device_bytes, "cuda")
-        print("does not fit; " + (f"each of these fits: {'; '.join(fixes)}" if fixes else "no single change fixes it"))
+        print(f"does not fit; {fixes_that_fit(model_config, cfg, cfg.gpus, device_bytes, 'cuda')}")
 
 
 # ==============================================================================================
@@ -952,8 +958,9 @@ DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 
 
 def toy_problems() -> list[dict]:
-    """25 one-digit sums: a dataset for CPU runs that needs no files."""
-    return [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(5) for b in range(5)]
+    """A dataset for CPU runs that needs no files: a digit written 40 times, and the answer is the digit.
+    Two problems, so that a 2-layer model learns them with RL in a minute (with ten it learns nothing)."""
+    return [{"problem": d * 40, "answer": d} for d in "01"]
 
 
 def row_to_example(row: dict, problem_key: str | None = None, answer_key: str | None = None) -> dict | None:
@@ -1152,11 +1159,34 @@ def build_tiny_model(tokenizer, seed: int = 0):
     return Qwen3ForCausalLM(config)
 
 
+def teach_format(model, tokenizer, steps: int = 300):
+    """--model tiny-sft: supervised steps on the toy prompts with the answer \\boxed{d}, d a random digit, so
+    that RL starts near reward 0.1 as a base model does on math, instead of at 0 (a random model never
+    writes \\boxed{}). About 15 s on a CPU."""
+    end = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    prompts = [encode_prompt(e["problem"], tokenizer) for e in toy_problems()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in tqdm(range(steps), desc="tiny-sft: teaching the answer format", leave=False, disable=None):
+        answers = [
+            tokenizer(f"\\boxed{{{random.randint(0, 9)}}}", add_special_tokens=False)["input_ids"] + end
+            for _ in range(16)
+        ]
+        seqs = [torch.cat([p, torch.tensor(a)]) for p, a in zip(random.choices(prompts, k=16), answers, strict=True)]
+        ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=tokenizer.pad_token_id)
+        labels = torch.full_like(ids, -100)  # the loss on the answers only
+        for row, (seq, answer) in enumerate(zip(seqs, answers, strict=True)):
+            labels[row, len(seq) - len(answer) : len(seq)] = seq[-len(answer) :]
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model
+
+
 def load_model_config(name: str):
     """The model's config alone (config.json of a folder or a Hub id): enough for the memory plan."""
     from transformers import AutoConfig
 
-    if name == "tiny":
+    if name in TINY:
         return tiny_config()
     return from_hub(lambda: AutoConfig.from_pretrained(name), f"--model {name}", "--model path/to/folder")
 
@@ -1164,7 +1194,7 @@ def load_model_config(name: str):
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    if name == "tiny":
+    if name in TINY:
         return build_tiny_tokenizer()
     tokenizer = from_hub(lambda: AutoTokenizer.from_pretrained(name), f"--model {name}", "--model path/to/folder")
     if tokenizer.pad_token_id is None:
@@ -1176,8 +1206,9 @@ def load_model(name: str, device: torch.device, tokenizer, seed: int = 0, dtype=
     """The policy, in fp32 to train: at lr 1e-6, bf16 master weights would drop the update (eval: bf16)."""
     from transformers import AutoModelForCausalLM
 
-    if name == "tiny":
-        return build_tiny_model(tokenizer, seed).to(device, dtype)
+    if name in TINY:
+        model = build_tiny_model(tokenizer, seed)
+        return (teach_format(model, tokenizer) if name == "tiny-sft" else model).to(device, dtype)
     load = lambda: AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)  # noqa: E731 -- one call, named for from_hub
     return from_hub(load, f"--model {name}", "--model path/to/folder").to(device)
 
@@ -1207,10 +1238,13 @@ def from_hub(load, what: str, local: str):
     """load(), with one line instead of a traceback when the Hub cannot be reached or a local
     folder is damaged."""
     name = what.split(" ", 1)[1]
+    if not Path(name).exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
+        sys.exit(f"{what}: no such folder (a path, not a Hub id like Qwen/Qwen3-1.7B-Base)")
     if (Path(name) / "trainer_state.pt").exists():
         what = f"--resume {name}"
     if Path(name).is_dir() and not (Path(name) / "config.json").exists():
-        run = " (a run folder: pass one of its step-NNNNNN checkpoints)" if checkpoints(Path(name)) else ""
+        latest = max(checkpoints(Path(name)), key=checkpoint_step, default=None)
+        run = f" (a run folder: pass one of its checkpoints, e.g. {latest})" if latest else ""
         sys.exit(f"{what}: no config.json in it, so not a model folder{run}")
     try:
         return load()
@@ -1222,6 +1256,23 @@ def from_hub(load, what: str, local: str):
         sys.exit(f"{what}: could not load it from the Hugging Face Hub ({type(e).__name__}). Offline? Download it "
                  f"where the Hub is reachable and pass the folder: {local}. Without any download: "
                  "python stapo.py --model tiny --dataset toy")  # fmt: skip
+
+
+def quiet_libraries():
+    """No progress bars for saving and loading a checkpoint (ours show the rollouts), and each Hub warning
+    once: an offline Hub otherwise repeats two lines per retry before the one line that says what to do."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    seen = set()
+
+    def first_time(record) -> bool:
+        text = re.sub(r"\d+", "N", record.getMessage())  # "Retrying in 2s [Retry 2/5]" as "Retrying in Ns ..."
+        return text not in seen and not seen.add(text)
+
+    logging.getLogger("huggingface_hub.utils._http").addFilter(first_time)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -1297,7 +1348,8 @@ def check_run_folder(cfg: Config) -> bool:
                      f"two histories. Branch into a new folder: --output-dir NEW_FOLDER")  # fmt: skip
         return True
     if checkpoints(out):
-        sys.exit(f"--output-dir {out} already holds a run; continue it with --resume {out}/step-NNNNNN, "
+        sys.exit(f"--output-dir {out} already holds a run; continue it with --resume "
+                 f"{max(checkpoints(out), key=checkpoint_step)}, "
                  "or give a new --output-dir")  # fmt: skip
     if out.exists() and any((out / n).exists() for n in (*LOG_FILES, "stapo_config.json")):
         sys.exit(f"--output-dir {out} holds the records of a run that stopped before its first checkpoint; "
@@ -1320,8 +1372,8 @@ def open_run_folder(cfg: Config, same_run: bool) -> Path:
             source = ckpt.parent / name
             records = [r for r in read_jsonl(source) if r["step"] <= checkpoint_step(ckpt)] if source.exists() else []
             write_jsonl(out / name, records)
-    print(json.dumps(config, indent=2))
     replace_file(out / "stapo_config.json", json.dumps(config, indent=2))
+    print(f"config: {out / 'stapo_config.json'}")
     return out
 
 
@@ -1676,32 +1728,48 @@ def plan_summary(plan: dict) -> str:
     )
 
 
-def fixes_that_fit(model_config, cfg: Config, world_size: int, device_bytes: float, device_type: str) -> list[str]:
-    """Changes that bring the planned peak within the budget, each with its peak: the first that fits of
-    each kind (checkpointing, a smaller micro-batch, an automatic KV budget, shorter answers, more GPUs)."""
-
-    def peak(gpus: int = world_size, **change) -> float | None:  # None: does not fit
-        plan = plan_memory(model_config, dataclasses.replace(cfg, **change), gpus, device_bytes, device_type)
-        return plan["peak"] if plan["peak"] <= plan["budget"] else None
-
-    def flag(name: str, value) -> tuple[str, dict]:
-        return f"--{name.replace('_', '-')} {value}", {name: value}
-
+def fixes_that_fit(model_config, cfg: Config, world_size: int, device_bytes: float, device_type: str) -> str:
+    """What brings the planned peak within the budget: the fewest GPUs (none added on a CPU), then the fewest
+    kinds of change (checkpointing, a smaller micro-batch, an automatic KV budget, shorter answers), each
+    combination with its peak; or why nothing does."""
     seq = cfg.max_prompt_tokens + cfg.max_new_tokens
-    kinds = [
-        [flag("gradient_checkpointing", "on")] if cfg.gradient_checkpointing != "on" else [],
-        [flag("micro_batch_tokens", n * seq) for n in range(cfg.micro_batch_tokens // seq - 1, 0, -1)],
-        [flag("kv_cache_gb", 0)] if cfg.kv_cache_gb > 0 else [],
-        [flag("max_new_tokens", cfg.max_new_tokens // 2**k) for k in (1, 2, 3)],
-        [(f"torchrun on {n} GPUs", {"gpus": n}) for n in (2, 4, 8, 16, 32, 64) if n > world_size],
+    kinds = [  # each kind's options, mildest first
+        [{"gradient_checkpointing": "on"}] if cfg.gradient_checkpointing != "on" else [],
+        [{"micro_batch_tokens": n * seq} for n in range(cfg.micro_batch_tokens // seq - 1, 0, -1)],
+        [{"kv_cache_gb": 0}] if cfg.kv_cache_gb > 0 else [],
+        [{"max_new_tokens": cfg.max_new_tokens // 2**k} for k in (1, 2, 3)],
     ]
-    found = []
-    for options in kinds:
-        for label, change in options:
-            if (p := peak(**change)) is not None:
-                found.append(f"{label} (peak {p / 1e9:.1f} GB{' each' if 'gpus' in change else ''})")
-                break
-    return found
+    kinds = [k for k in kinds if k]
+    more_gpus = [n for n in (2, 4, 8, 16, 32, 64) if n > world_size] if device_type == "cuda" else []
+
+    def describe(change: dict, gpus: int, plan: dict) -> str:
+        flags = [f"--{k.replace('_', '-')} {v}" for k, v in change.items()] + [f"{gpus} GPUs"] * (gpus > world_size)
+        slow = plan["generate_calls"] >= 8  # each call decodes to its longest answer: many small calls are slow
+        note = f", {plan['generate_calls']} generate calls of {plan['sequences_per_generate']}: slow" if slow else ""
+        return f"{' + '.join(flags)} (peak {plan['peak'] / 1e9:.1f} GB{' each' if gpus > 1 else ''}{note})"
+
+    for gpus in [world_size, *more_gpus]:
+        for size in range(len(kinds) + 1):
+            found = []
+            for combination in itertools.combinations(kinds, size):
+                for options in itertools.product(*combination):
+                    change = {k: v for option in options for k, v in option.items()}
+                    plan = plan_memory(
+                        model_config, dataclasses.replace(cfg, **change), gpus, device_bytes, device_type
+                    )
+                    if plan["peak"] <= plan["budget"] and (change or gpus > world_size):
+                        found.append(describe(change, gpus, plan))
+                        break
+            if found:
+                return "these fit: " + "; ".join(found)
+    change = {k: v for options in kinds for k, v in options[-1].items()}  # every change at its most
+    gpus = max([world_size, *more_gpus])
+    plan = plan_memory(model_config, dataclasses.replace(cfg, **change), gpus, device_bytes, device_type)
+    peak, phase = max((plan[f"peak_{p.replace(' ', '_')}"], p) for p in PHASES)
+    parts = sorted(PHASES[phase], key=lambda k: -plan[k])[:3]
+    biggest = ", ".join(f"{PART_LABELS[k]} {plan[k] / 1e9:.1f} GB" for k in parts)
+    return (f"nothing fits: even with {describe(change, gpus, plan).split(' (')[0] or 'every change'}, the {phase} "
+            f"peak is {peak / 1e9:.1f} GB, mostly {biggest}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1897,6 +1965,7 @@ def open_tracker(cfg: Config, config_dict: dict) -> Tracker:
     out = Path(cfg.output_dir)
     if kind == "tensorboard":
         writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'}")
         writer.add_text("config", json.dumps(config_dict, indent=2))
 
         def log(metrics: dict, step: int):

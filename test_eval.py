@@ -197,7 +197,9 @@ def test_score_writes_beside_its_input_without_touching_the_runs_results(tmp_pat
     path.write_bytes(jsonl(record("aime24", 0, 0)))
     ev.main(["--score", str(path)])
     assert (tmp_path / "results.md").read_text() == "a run made with other settings\n"
-    assert (tmp_path / "generations.score-regex.md").read_text() == capsys.readouterr().out
+    table, wrote = capsys.readouterr().out.rsplit("\n", 2)[:2]  # the table, then where it went
+    assert (tmp_path / "generations.score-regex.md").read_text() == table + "\n"
+    assert wrote == f"wrote {tmp_path / 'generations.score-regex.md'} and {tmp_path / 'generations.score-regex.json'}"
     assert sorted(f.name for f in tmp_path.iterdir()) == [
         "generations.jsonl", "generations.score-regex.json", "generations.score-regex.md", "results.md"]  # fmt: skip
 
