@@ -244,7 +244,7 @@ def self_check(argv: list[str]) -> int:
     problems = [{**e, "prompt_ids": ids.clamp(max=vocab - 1).repeat(-(-n // len(ids)))[-n:]}  # n tokens, end kept
                 for e, ids in zip(stapo.toy_problems(), prompts, strict=True)]  # fmt: skip
     with Phases(device, model.config.num_hidden_layers) as phases:
-        metrics, _ = stapo.train_step(model, tok, optimizer, problems, 0, cfg, plan["kv_cache"])
+        metrics, _ = stapo.train_step(model, tok, optimizer, problems, 0, cfg)
 
     print(f"{'phase':<16}{'seconds':>9}{'peak GB':>10}{'plan GB':>10}")
     over = []

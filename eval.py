@@ -444,8 +444,8 @@ def main(argv=None):
     if args.model and args.dry_run:  # no weights, no data: prompts up to the trainer's --max-prompt-tokens
         gpu = torch.device("cuda") if torch.cuda.is_available() else None
         return print(plan_line(memory_plan(args, gpu, stapo.Config().max_prompt_tokens), Path(args.model).name))
-    if args.model and (problem := stapo.device_error(args.device)):
-        raise SystemExit(problem)
+    if args.model and args.device.startswith("cuda") and torch.cuda.device_count() <= int(args.device[5:] or 0):
+        raise SystemExit(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices")
     if args.score:
         path = Path(args.score)  # the tables go beside it under its own name: a run's results.md stays as it is
         rows = read_generations(path)[0]

@@ -16,20 +16,18 @@ The paper's baselines run in the same loop: --mask none is JustRL/DAPO, --mask h
 20-Entropy, and --mask none --loss-agg sequence --eps-high 0.2 is GRPO. Every line where STAPO
 differs from plain DAPO carries a "# STAPO:" comment.
 
-Reading order: 1. Config, 2. the paper's math on plain tensors, 3. one training step, 4. the loop
-and main; then an appendix of support code (verifier, data and prompt, models, checkpoints and logs).
-Several GPUs: torchrun --nproc_per_node N stapo.py ... shards the model with FSDP2 (appendix F);
-every statistic the paper takes over a mini-batch is then taken over all ranks (all_cat, all_sum,
-identities in one process). Left out on purpose: vLLM (HF `generate` is slower but readable),
-sequence packing, the KL term (the paper uses none).
+Sections 1-3 (config, the paper's math, one training step) read top to bottom; 4 is the loop; the
+appendix is support code. Under torchrun (FSDP2) mini-batch statistics are taken over all ranks with
+all_sum / all_cat (the identity in one process). Left out on purpose: vLLM (HF generate is slower but
+readable), sequence packing, multi-node launch scripts, length penalties.
 
-Run:   python stapo.py --model Qwen/Qwen3-1.7B-Base          (one GPU)
-       python stapo.py --model tiny --dataset toy --steps 3  (CPU smoke run, no downloads)
-       torchrun --nproc_per_node 8 stapo.py --model Qwen/Qwen3-8B-Base   (8 GPUs, one node)
+Run:   python stapo.py --model Qwen/Qwen3-1.7B-Base                           (one GPU)
+       python stapo.py --model tiny --dataset toy --steps 3                   (CPU smoke run, no downloads)
+       python stapo.py --model tiny-sft --dataset toy --steps 120 --lr 1e-3   (CPU demo: tokens silenced)
+       torchrun --nproc_per_node 8 stapo.py --model Qwen/Qwen3-8B-Base        (8 GPUs, one node)
 Test:  pytest -q
 """
 
-import argparse
 import dataclasses
 import datetime
 import functools
@@ -46,10 +44,10 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -64,32 +62,26 @@ if not {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ):  # r
 # 1. Config: every knob, one place. Field help is the --help text.
 
 
-def knob(default, help: str, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-MASKS = ("s2t", "none", "high-entropy")
+def knob(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
     # model and data
-    model: str = knob(
-        "Qwen/Qwen3-1.7B-Base",
-        "HF id or path; tiny: a random CPU model (P 8, 64 new tokens unless "
-        "given); tiny-sft: tiny taught the answer format first (the CPU demo)",
-    )
-    dataset: str = knob("BytedTsinghua-SIA/DAPO-Math-17k", "Hub id, local .jsonl/.json/.parquet, or 'toy' (sums)")
+    model: str = knob("Qwen/Qwen3-1.7B-Base", "HF id or folder; tiny: a random CPU model (P 8, 64 new tokens "
+                      "unless given); tiny-sft: tiny, first taught the answer format (the CPU demo)")  # fmt: skip
+    dataset: str = knob("BytedTsinghua-SIA/DAPO-Math-17k", "Hub id, local .jsonl/.json/.parquet, or toy")
     dataset_config: str | None = knob(None, "Hub dataset config name")
     split: str = knob("train", "dataset split (local files: train)")
     problem_key: str | None = knob(None, "column with the problem text")
     answer_key: str | None = knob(None, "column with the gold answer")
-    prompt_format: str = knob("chat", "the tokenizer's chat template, or plain text", ("chat", "plain"))
+    prompt_format: Literal["chat", "plain"] = knob("chat", "the tokenizer's chat template, or plain text")
     output_dir: str = knob("runs/stapo", "metrics, samples, checkpoints")
     resume: str | None = knob(None, "checkpoint folder to continue from")
     seed: int = knob(0, "seed of data order and sampling")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = knob("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ("auto", "fp32", "bf16-autocast"))
+    precision: Literal["auto", "fp32", "bf16-autocast"] = knob("auto", "auto: bf16 autocast on CUDA, fp32 on CPU")
     dist_timeout_min: int = knob(180, "torchrun: minutes a rank may wait for the others (long rollouts)")
     # sampling
     prompts_per_step: int = knob(32, "P: problems per step (paper: 256)")
@@ -100,12 +92,14 @@ class Config:
     top_p: float = knob(1.0, "nucleus sampling")
     kv_cache_gb: float = knob(0.0, "KV-cache budget of one generate call in GB; 0: what the memory plan leaves free")
     # STAPO / S2T
-    mask: str = knob("s2t", "s2t: STAPO; none: JustRL, DAPO, GRPO; high-entropy: 20-Entropy", MASKS)
+    mask: Literal["s2t", "none", "high-entropy"] = knob(
+        "s2t", "s2t: STAPO; none: JustRL, GRPO; high-entropy: 20-Entropy"
+    )
     tau_p: float = knob(0.002, "probability below which a token of a correct answer is a candidate")
     q: float = knob(0.75, "entropy quantile over the candidates that sets tau_h")
     entropy_top: float = knob(0.2, "share of tokens kept by --mask high-entropy")
     # loss and optimisation
-    loss_agg: str = knob("token", "token: mean over kept tokens (DAPO, STAPO); sequence: GRPO", ("token", "sequence"))
+    loss_agg: Literal["token", "sequence"] = knob("token", "token: mean over kept tokens (DAPO, STAPO); sequence: GRPO")
     eps_low: float = knob(0.2, "lower clip range")
     eps_high: float = knob(0.28, "upper clip range (clip-higher; GRPO: 0.2)")
     dual_clip: float = knob(3.0, "veRL's dual-clip bound on ratios of A < 0 tokens (0 = off)")
@@ -118,24 +112,24 @@ class Config:
     # memory
     micro_batch_tokens: int = knob(16384, "token budget of one forward/backward")
     logit_chunk: int = knob(256, "tokens per LM-head chunk (0: no chunking)")
-    gradient_checkpointing: str = knob(
-        "auto", "recompute the model body in backward; auto: if the plan needs it", ("auto", "on", "off")
+    gradient_checkpointing: Literal["auto", "on", "off"] = knob(
+        "auto", "recompute the body in backward; auto: if needed"
     )
-    gpu_memory_gb: float = knob(
-        0.0, "memory to plan for; 0: what is free on the device (80 for --dry-run without a GPU)"
-    )
+    gpu_memory_gb: float = knob(0.0, "memory to plan for; 0: what is free on the device (--dry-run: 80)")
     dry_run: bool = knob(False, "print the memory plan from the model's config alone and exit")
     gpus: int = knob(1, "GPUs to plan for with --dry-run (a torchrun run plans for its processes)")
     # logging and checkpoints
     save_every: int = knob(50, "checkpoint every N steps (and at the end)")
-    report_to: str = knob(
-        "none", "also send metrics.jsonl's keys to a tracker", ("none", "wandb", "trackio", "tensorboard")
-    )
+    report_to: Literal["none", "wandb", "trackio", "tensorboard"] = knob("none", "also send the metrics to a tracker")
     log_samples: int = knob(4, "completions written to samples.jsonl per step")
 
 
-TINY_DEFAULTS = {"prompts_per_step": 8, "max_new_tokens": 64}  # --model tiny: seconds per step on a CPU
 TINY = ("tiny", "tiny-sft")  # random; then taught the answer format (teach_format): the CPU demo
+TINY_DEFAULTS = {"prompts_per_step": 8, "max_new_tokens": 64}  # --model tiny: seconds per step on a CPU
+
+
+def uses_bf16(cfg: Config, device: torch.device) -> bool:  # bf16 compute over fp32 master weights
+    return cfg.precision == "bf16-autocast" or (cfg.precision == "auto" and device.type == "cuda")
 
 
 # ==============================================================================================
@@ -279,19 +273,16 @@ def loss_denominator(keep, loss_agg: str = "token") -> int:
 # 3. One training step: rollouts, rewards, advantages, then the PPO updates.
 
 
-def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg: Config,
-               kv_cache_bytes: float | None = None) -> tuple[dict, dict]:  # fmt: skip
-    """One rollout batch and its updates. Returns (metrics, records for the jsonl files)."""
+def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg: Config) -> tuple[dict, dict]:
+    """One rollout batch and its updates. Returns (metrics, this process's records for the jsonl files)."""
     G = cfg.group_size
     # 1. rollouts: every problem G times
     t0 = time.time()
-    examples = my_share(prompts_for_step(problems, step, cfg.prompts_per_step, cfg.seed), cfg.mini_batches)
+    examples = pick_problems(problems, step, cfg)  # this step's problems (under torchrun, this rank's share)
     prompts = [e["prompt_ids"] for e in examples for _ in range(G)]  # B prompts
-    rollouts = generate(model, tokenizer, prompts, cfg, f"step {step + 1} rollouts", kv_cache_bytes)
-    texts = [
-        tokenizer.decode(c[m], skip_special_tokens=True)
-        for c, m in zip(rollouts.completions, rollouts.completion_mask, strict=True)
-    ]
+    rollouts = generate(model, tokenizer, prompts, cfg, f"step {step + 1} rollouts")
+    texts = [tokenizer.decode(c[m], skip_special_tokens=True) for c, m in zip(rollouts.completions,
+             rollouts.completion_mask, strict=True)]  # fmt: skip
     # 2. rewards, 3. advantages
     golds = [e["answer"] for e in examples for _ in range(G)]
     rewards = torch.tensor([float(verify(t, g)) for t, g in zip(texts, golds, strict=True)])  # (B,)
@@ -305,11 +296,11 @@ def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg
     stats, silenced = ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg)
     train_s = time.time() - t0
 
-    # Metrics of the whole batch: sums over every rank (in one process, the sums of this one).
-    n, reward, tokens, H, truncated, zero_std, spurious, clipped, kept, loss = all_sum([
+    # Metrics of the whole batch: sums over every rank (all_sum is the identity in one process).
+    n, reward, tokens, H, truncated, zero_std, spurious, clipped, kept = all_sum([
         len(prompts), rewards.sum(), rollouts.completion_mask.sum(), entropy[rollouts.completion_mask].sum(),
-        rollouts.truncated.sum(), (rewards.view(-1, G).std(1) == 0).sum(), stats["n_spurious"], stats["clipped"],
-        stats["n_kept_tokens"], stats["loss"],
+        rollouts.truncated.sum(), (rewards.view(-1, G).std(1) == 0).sum(), len(silenced), stats["clipped"],
+        stats["n_kept_tokens"],
     ])  # fmt: skip
     metrics = {
         "step": step + 1, "steps": cfg.steps, "samples": int(n), "reward": reward / n,
@@ -317,31 +308,37 @@ def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg
         "entropy": H / max(1, tokens), "n_candidates": stats["n_candidates"], "n_spurious": int(spurious),
         "spurious_frac": spurious / max(1, tokens),
         "tau_h": sum(stats["tau_h"]) / len(stats["tau_h"]) if stats["tau_h"] else None,
-        "clip_frac": clipped / max(1, kept), "loss": loss,
+        "clip_frac": clipped / max(1, kept), "loss": stats["loss"],
         "grad_norm": sum(stats["grad_norm"]) / len(stats["grad_norm"]),
         "lr": optimizer.param_groups[0]["lr"], "gen_s": gen_s, "logp_s": logp_s, "train_s": train_s,
     }  # fmt: skip
-    records = {
-        "samples": [
-            {"step": step + 1, "problem": examples[i // G]["problem"], "gold": golds[i],
-             "reward": rewards[i].item(), "completion": texts[i]}
-            for i in range(min(cfg.log_samples, len(texts)))
-        ],
-        "spurious": all_records([inspect_token(s, rollouts, tokenizer, step + 1) for s in silenced]),
-    }  # fmt: skip
-    return metrics, records
+    samples = [
+        {
+            "step": step + 1,
+            "problem": examples[i // G]["problem"],
+            "gold": golds[i],
+            "reward": rewards[i].item(),
+            "completion": texts[i],
+        }
+        for i in range(min(cfg.log_samples, len(texts)))
+    ]
+    spurious = []
+    for s in silenced:  # each silenced token with 8 tokens of context on each side, decoded
+        ids, t = rollouts.completions[s["sample"], rollouts.completion_mask[s["sample"]]].tolist(), s["position"]
+        left, token, right = (tokenizer.decode(ids[a:b]) for a, b in ((max(0, t - 8), t), (t, t + 1), (t + 1, t + 9)))
+        spurious.append({"step": step + 1, "token": token, "left": left, "right": right, **s})
+    return metrics, {"samples": samples, "spurious": spurious}
 
 
 def ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg: Config):
     """The mini-batch updates of one step. Returns step statistics and the silenced tokens."""
-    B = len(rollouts.prompts)
-    stats = {"n_candidates": 0, "n_spurious": 0, "tau_h": [], "clipped": 0, "n_kept_tokens": 0, "loss": 0.0,
-             "grad_norm": []}  # fmt: skip
+    stats = {"n_candidates": 0, "tau_h": [], "clipped": 0, "n_kept_tokens": 0, "loss": 0.0, "grad_norm": []}
     silenced = []
-    rows_per_mini_batch = B // cfg.mini_batches
+    B = len(rollouts.prompts)
+    size = B // cfg.mini_batches
     device = next(model.parameters()).device
     for k in range(cfg.mini_batches):
-        rows = list(range(k * rows_per_mini_batch, (k + 1) * rows_per_mini_batch))
+        rows = list(range(k * size, (k + 1) * size))
         # p and H from the policy at the start of this mini-batch (= the rollout policy for the first).
         logp_now, entropy_now = (old_logp, entropy) if k == 0 else score(model, rollouts, rows, cfg)
         completion_mask = torch.zeros_like(rollouts.completion_mask)  # (B, T): this mini-batch's tokens only
@@ -350,18 +347,15 @@ def ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg: C
         num_kept = loss_denominator(keep, cfg.loss_agg)  # of the whole mini-batch, never of a micro-batch
         if s2t is not None:
             stats["n_candidates"] += s2t.n_candidates
-            stats["n_spurious"] += int(s2t.spurious.sum())
             stats["tau_h"] += [s2t.tau_h] if s2t.tau_h is not None else []
-            for i, t in s2t.spurious.nonzero().tolist():
-                silenced.append({"row": i, "t": t, "p": math.exp(logp_now[i, t]), "H": float(entropy_now[i, t]),
-                                 "A": float(advantages[i]), "tau_h": s2t.tau_h})  # fmt: skip
+            for i, t in s2t.spurious.nonzero().tolist():  # answer i, position t
+                p, H, A = math.exp(logp_now[i, t]), float(entropy_now[i, t]), float(advantages[i])
+                silenced.append({"p": p, "H": H, "A": A, "tau_h": s2t.tau_h, "sample": i, "position": t})
 
         for mb in micro_batches(rollouts, rows, cfg.micro_batch_tokens):
-            forward_rows = mb or rows[:1]  # an empty micro-batch keeps this rank in step (FSDP2): loss 0
-            logp, _ = sequence_logp(model, rollouts, forward_rows, cfg)  # (b, T')
+            logp, _ = sequence_logp(model, rollouts, mb, cfg)  # (b, T')
             T = logp.shape[1]
-            selected = (old_logp[forward_rows, :T], keep[forward_rows, :T] & bool(mb), advantages[forward_rows])
-            old, kept, adv = (x.to(device) for x in selected)
+            old, kept, adv = (x.to(device) for x in (old_logp[mb, :T], keep[mb, :T], advantages[mb]))
             loss = policy_loss(logp, old, adv, kept, num_kept, cfg.eps_low, cfg.eps_high,
                                dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg)  # fmt: skip
             loss.backward()
@@ -375,8 +369,7 @@ def ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg: C
 
 
 def optimizer_step(model, optimizer, grad_clip: float) -> float:
-    """Clip the gradient norm, step, and free the gradients (their memory serves generation).
-    Returns the norm before clipping."""
+    """Clip the gradient norm, step, free the gradients (their memory serves generation); the norm before."""
     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -390,93 +383,45 @@ class Rollouts:
     completion_mask: torch.Tensor  # (B, T) bool: up to and including the first EOS
     truncated: torch.Tensor  # (B,) bool: no EOS within max_new_tokens
 
-    def lengths(self) -> list[int]:
-        """Prompt + completion tokens of every sequence, for token-budget micro-batches."""
-        return [len(p) + n for p, n in zip(self.prompts, self.completion_mask.sum(1).tolist(), strict=True)]
 
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: str = "rollouts",
-             kv_cache_bytes: float | None = None) -> Rollouts:  # fmt: skip
-    """One sampled completion per prompt, in as few generate calls as the KV-cache budget allows
-    (kv_cache_bytes; default --kv-cache-gb, else what the memory plan leaves free)."""
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    eos = eos_token_ids(model, tokenizer)
-    gen_config = GenerationConfig(
-        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    if not kv_cache_bytes:  # --kv-cache-gb, or what the memory plan leaves free on this device
-        kv_cache_bytes = cfg.kv_cache_gb * 1e9 or plan_memory(
-            model.config, cfg, rank_and_world()[1], device_memory(cfg, device), device.type)["kv_cache"]  # fmt: skip
-    chunk = sequences_per_generate(model, max(len(p) for p in prompts), cfg, kv_cache_bytes)
-    was_training = model.training
-    model.eval()
-    completions = []
-    calls = math.ceil(len(prompts) / chunk)
-    progress = DecodeProgress(f"{desc} ({len(prompts)} sequences, {calls} calls)", calls, cfg.max_new_tokens)
-    with progress, unsharded(model):  # FSDP2: whole weights (bf16 with autocast) on every rank, no collective per token
-        # bf16 path: sample from a bf16 copy, not under autocast, so keys and values are both bf16 (Qwen3's
-        # fp32 q/k-norm weights would make autocast's keys fp32) and no decode step pays for casts.
-        bf16_copy_needed = uses_bf16(cfg, device) and next(model.parameters()).dtype != torch.bfloat16
-        sampler = bf16_copy(model) if bf16_copy_needed else model
-        for start in range(0, len(prompts), chunk):
-            prompt_ids, prompt_mask = left_pad(prompts[start : start + chunk], tokenizer.pad_token_id)
-            out = sampler.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                                   generation_config=gen_config, synced_gpus=False, streamer=progress)  # fmt: skip
-            # out: (b, L + new tokens)
-            completions += list(out[:, prompt_ids.shape[1] :].cpu())
-        del sampler  # the copy lives for one call of generate: its memory serves the update
-    model.train(was_training)
-
-    # Cut each completion after its first EOS, which stays in (it is the answer's last action).
-    width = max(1, max(len(c) for c in completions))
-    tokens = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
-    completion_mask = torch.zeros((len(completions), width), dtype=torch.bool)  # (B, T)
-    truncated = torch.zeros(len(completions), dtype=torch.bool)  # (B,)
-    eos_t = torch.tensor(eos)
-    for row, c in enumerate(completions):
-        hits = torch.isin(c, eos_t).nonzero()
-        n = int(hits[0]) + 1 if len(hits) else len(c)
-        truncated[row] = len(hits) == 0
-        tokens[row, :n] = c[:n]
-        completion_mask[row, :n] = True
-    return Rollouts(prompts, tokens, completion_mask, truncated)
+def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both (b, max_len), padded on the left as generate expects."""
+    width = max(len(s) for s in seqs)
+    ids, mask = torch.full((len(seqs), width), pad_id), torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s) :], mask[row, width - len(s) :] = s, 1
+    return ids, mask
 
 
 def sequence_logp(model, rollouts: Rollouts, rows: list[int], cfg: Config, with_entropy: bool = False):
-    """logp (b, T) of the sampled tokens of `rows` (and entropy), T = their longest completion.
-
-    Layout: [left pad | prompt | completion | right pad]; position ids count real tokens only,
-    exactly as generate() numbered the left-padded prompt, so training log-probs equal sampling ones.
-    """
+    """logp (b, T) of the sampled tokens of `rows` (and entropy), T = their longest completion. Layout:
+    [left pad | prompt | completion | right pad]; position ids count real tokens only, exactly as generate()
+    numbered the left-padded prompt, so training log-probs equal sampling ones."""
     device = next(model.parameters()).device
-    T = int(rollouts.completion_mask[rows].sum(1).max())
-    prompt_ids, prompt_mask = left_pad([rollouts.prompts[r] for r in rows], 0)
-    completions = rollouts.completions[rows, :T]  # (b, T)
+    run = rows or [0]  # torchrun: an empty micro-batch still runs a forward, in step with busier ranks
+    T = int(rollouts.completion_mask[run].sum(1).max())
+    prompt_ids, prompt_mask = left_pad([rollouts.prompts[r] for r in run], 0)
+    completions = rollouts.completions[run, :T]  # (b, T)
     input_ids = torch.cat([prompt_ids, completions], 1).to(device)  # (b, L)
-    attention_mask = torch.cat([prompt_mask, rollouts.completion_mask[rows, :T].long()], 1).to(device)  # (b, L)
+    attention_mask = torch.cat([prompt_mask, rollouts.completion_mask[run, :T].long()], 1).to(device)  # (b, L)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (b, L)
-    with autocast(cfg, device):
+    bf16 = uses_bf16(cfg, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         body = getattr(model, "sharded_body", model.base_model)  # under FSDP2, the body with the root's gather
-        hidden = body(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # (b, L, D)
-        hidden = hidden[:, prompt_ids.shape[1] - 1 : -1]  # (b, T, D): the state that predicts each completion token
-        # Cast the head once per micro-batch: under autocast each checkpointed chunk would cast it again,
-        # forward and backward (26 casts of a 151,936 x 2,048 matrix for 24 chunks).
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state  # (b, L, D)  # fmt: skip
+        hidden = hidden[: len(rows), prompt_ids.shape[1] - 1 : -1]  # (b, T, D): the states that predict the tokens
+        # The head is cast once per micro-batch: autocast would cast it again for every chunk, and in backward.
         weight = model.get_output_embeddings().weight  # (V, D)
-        weight = weight.to(torch.bfloat16) if uses_bf16(cfg, device) else weight
-        return token_logp(hidden, weight, completions.to(device), cfg.temperature, cfg.logit_chunk, with_entropy)
+        weight = weight.to(torch.bfloat16) if bf16 else weight
+        targets = completions[: len(rows)].to(device)  # (b, T)
+        return token_logp(hidden, weight, targets, cfg.temperature, cfg.logit_chunk, with_entropy)
 
 
 def micro_batches(rollouts: Rollouts, rows: list[int], token_budget: int) -> list[list[int]]:
-    """Split rows into micro-batches whose padded size (rows x longest) fits token_budget.
-    Sorting by length first keeps padding small. Under torchrun every forward is collective, so each
-    rank gets as many micro-batches as the rank with the most: empty ones stand for the difference."""
-    lengths = rollouts.lengths()
+    """Split rows into micro-batches whose padded size (rows x longest) fits token_budget; sorting by
+    length first keeps padding small. Under torchrun each rank runs as many as the busiest (empty ones)."""
+    lengths = [len(p) + int(n) for p, n in zip(rollouts.prompts, rollouts.completion_mask.sum(1), strict=True)]
     batches, current = [], []
     for r in sorted(rows, key=lambda r: lengths[r]):
         if current and (len(current) + 1) * lengths[r] > token_budget:
@@ -484,19 +429,16 @@ def micro_batches(rollouts: Rollouts, rows: list[int], token_budget: int) -> lis
             current = []
         current.append(r)
     batches += [current] if current else []
-    return batches + [[] for _ in range(max(all_records([len(batches)])) - len(batches))]
+    return batches + [[]] * (int(all_cat(torch.tensor([len(batches)])).max()) - len(batches))
 
 
 @torch.no_grad()
 def score(model, rollouts: Rollouts, rows: list[int], cfg: Config):
     """logp and entropy (B, T) of the given rows under the current policy, without gradient."""
-    B, T = rollouts.completions.shape
-    logp, entropy = torch.zeros(B, T), torch.zeros(B, T)
+    logp, entropy = torch.zeros(rollouts.completions.shape), torch.zeros(rollouts.completions.shape)
     for mb in micro_batches(rollouts, rows, cfg.micro_batch_tokens):
-        lp, ent = sequence_logp(model, rollouts, mb or rows[:1], cfg, with_entropy=True)  # empty: keeps in step
-        if mb:
-            logp[mb, : lp.shape[1]] = lp.cpu()
-            entropy[mb, : ent.shape[1]] = ent.cpu()
+        lp, ent = sequence_logp(model, rollouts, mb, cfg, with_entropy=True)  # (b, T')
+        logp[mb, : lp.shape[1]], entropy[mb, : ent.shape[1]] = lp.cpu(), ent.cpu()
     return logp, entropy
 
 
@@ -522,7 +464,7 @@ def train(cfg: Config):
     problems = load_problems(cfg, tokenizer)
     if world == 1:
         model = load_model(cfg.resume or cfg.model, device, tokenizer, cfg.seed)
-    else:  # torchrun: sharded as it loads, and only rank 0 reads the whole model
+    else:  # torchrun: sharded as it loads; only rank 0 reads the whole model
         model = load_sharded_model(cfg.resume or cfg.model, device, tokenizer, cfg.seed, uses_bf16(cfg, device))
     if plan["gradient_checkpointing"]:
         model.activation_checkpointing_enable()
@@ -544,13 +486,13 @@ def train(cfg: Config):
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in range(start, cfg.steps):
-            metrics, records = train_step(model, tokenizer, optimizer, problems, step, cfg, plan["kv_cache"])
+            metrics, records = train_step(model, tokenizer, optimizer, problems, step, cfg)
             scheduler.step()
+            records = {name: all_records(r) for name, r in records.items()}  # every rank's, in rank order
             if rank == 0:  # one writer of the log files
                 tqdm.write(log_line(metrics))
-                append_jsonl(out / "metrics.jsonl", [metrics])
-                append_jsonl(out / "samples.jsonl", records["samples"])
-                append_jsonl(out / "spurious.jsonl", records["spurious"])
+                for name, rows in (("metrics", [metrics]), *records.items()):
+                    append_jsonl(out / f"{name}.jsonl", rows)
                 tracker.log(metrics, metrics["step"])
             stopping = all_sum([len(stop)])[0] > 0  # every rank stops after the same step
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stopping:
@@ -564,132 +506,15 @@ def train(cfg: Config):
     return model
 
 
-def plan_or_stop(model_config, cfg: Config, device: torch.device, world_size: int = 1) -> dict:
-    """The memory plan in one line; stop now, before generating, if its peak exceeds the device."""
-    device_bytes = device_memory(cfg, device)
-    plan = plan_memory(model_config, cfg, world_size, device_bytes, device.type)
-    allocator = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
-    where = f" | {device_bytes / 1e9:.1f} GB free on {device}, allocator {allocator}" if device.type == "cuda" else ""
-    print(plan_summary(plan) + where)
-    if plan["peak"] > plan["budget"]:
-        fixes = fixes_that_fit(model_config, cfg, world_size, device_bytes, device.type)
-        sys.exit(f"the planned peak, {plan['peak'] / 1e9:.1f} GB, exceeds {plan['budget'] / 1e9:.1f} GB "
-                 f"({HEADROOM:.0%} of {device_bytes / 1e9:.1f} GB on {device}); {fixes}; add --dry-run to see "
-                 "the whole plan")  # fmt: skip
-    return plan
-
-
-def parse_args(argv=None) -> Config:
-    """CLI flags from the dataclass. With --resume, the run's saved config is the base."""
-    epilog = "curves of finished runs: python plot.py RUN_DIR [RUN_DIR ...]"
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS, epilog=epilog
+def log_line(m: dict) -> str:
+    tau_h = f"{m['tau_h']:.3f}" if m["tau_h"] is not None else "  -  "
+    return (
+        f"step {m['step']:>4}/{m['steps']} | reward {m['reward']:.3f} | zero-std {m['frac_zero_std']:.2f} | "
+        f"len {m['len_mean']:6.1f} | trunc {m['truncated_frac']:.2f} | H {m['entropy']:.3f} | "
+        f"silenced {m['n_spurious']:>3}/{m['n_candidates']:<4} ({100 * m['spurious_frac']:.4f}%) tau_h {tau_h} | "
+        f"clip {100 * m['clip_frac']:.2f}% | loss {m['loss']:+.4f} | gnorm {m['grad_norm']:.3f} | "
+        f"lr {m['lr']:.1e} | gen {m['gen_s']:.1f}s train {m['train_s']:.1f}s"
     )
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        choices = f.metadata["choices"]
-        help_text = f"{f.metadata['help']}{' (' + ' | '.join(choices) + ')' if choices else ''} (default: {f.default})"
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            kind = {int: int, float: float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, choices=choices, help=help_text)
-    parser.error = lambda message: parser.exit(2, f"stapo.py: error: {message}\n")  # one line; --help has usage
-    given = vars(parser.parse_args(argv))
-    base = {}
-    if "resume" in given:  # the checkpoint's config, then every flag given on top of it
-        ckpt = Path(given["resume"])
-        if not ckpt.is_dir():
-            parser.error(f"--resume {ckpt}: no such folder")
-        if not (ckpt / "trainer_state.pt").exists() or not (ckpt / "stapo_config.json").exists():
-            parser.error(f"--resume {ckpt}: not a checkpoint folder (no trainer_state.pt and stapo_config.json)")
-        if checkpoint_step(ckpt) < 0:
-            parser.error(f"--resume {ckpt}: checkpoint folders are named step-NNNNNN, as this trainer writes them")
-        try:
-            base = json.loads((ckpt / "stapo_config.json").read_text())
-            assert isinstance(base, dict) and "model" in base
-        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
-            parser.error(f"--resume {ckpt}: its stapo_config.json is damaged; resume from another checkpoint")
-        saved, world = base.get("world_size", 1), int(os.environ.get("WORLD_SIZE", 1))
-        if saved != world:
-            parser.error(f"--resume {ckpt}: written by {saved} process(es), resumed by {world}; an exact resume "
-                         f"needs the same number: torchrun --nproc_per_node {saved}")  # fmt: skip
-        base = {k: v for k, v in base.items() if k in {f.name for f in dataclasses.fields(Config)}}
-        if given.get("model", base["model"]) != base["model"]:
-            parser.error(f"--model {given['model']}: {ckpt} holds weights trained from {base['model']}, and those "
-                         "are what resumes; drop --model, or start a new run")  # fmt: skip
-        base["output_dir"] = str(ckpt.parent)  # the checkpoint's own run, unless --output-dir branches off
-        if given.get("steps", base["steps"]) <= checkpoint_step(ckpt):
-            parser.error(f"--steps {given.get('steps', base['steps'])}: {ckpt} is at step {checkpoint_step(ckpt)} "
-                         "already, and --steps counts all the steps of the run; give more")  # fmt: skip
-    defaults = {}
-    if given.get("model", base.get("model")) in TINY:  # CPU-sized unless set: seconds per step, not minutes
-        defaults = TINY_DEFAULTS
-    cfg = Config(**{**defaults, **base, **given})
-    for problem in config_errors(cfg):
-        parser.error(problem)
-    return cfg
-
-
-def config_errors(cfg: Config) -> list[str]:
-    """Every flag checked before anything is loaded: each error names the flag, its value, what is allowed."""
-    rules = [
-        ("prompts_per_step", cfg.prompts_per_step >= 1, "at least 1"),
-        ("group_size", cfg.group_size >= 2, "at least 2: advantages compare the samples of a group"),
-        ("max_prompt_tokens", cfg.max_prompt_tokens >= 1, "at least 1"),
-        ("max_new_tokens", cfg.max_new_tokens >= 1, "at least 1"),
-        ("temperature", cfg.temperature > 0, "above 0"),
-        ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
-        ("kv_cache_gb", cfg.kv_cache_gb >= 0, "at least 0 (0: sized by the memory plan)"),
-        ("gpu_memory_gb", cfg.gpu_memory_gb >= 0, "at least 0 (0: the device's own)"),
-        ("gpus", cfg.gpus >= 1, "at least 1"),
-        ("dist_timeout_min", cfg.dist_timeout_min >= 1, "at least 1"),
-        ("tau_p", 0 < cfg.tau_p < 1, "a probability in (0, 1); the paper uses 0.002"),
-        ("q", 0 <= cfg.q <= 1, "a quantile in [0, 1]; the paper uses 0.75"),
-        ("entropy_top", 0 < cfg.entropy_top <= 1, "a share in (0, 1]"),
-        ("eps_low", 0 <= cfg.eps_low < 1, "in [0, 1)"),
-        ("eps_high", cfg.eps_high >= 0, "at least 0"),
-        ("dual_clip", cfg.dual_clip == 0 or cfg.dual_clip > 1, "0 (off) or above 1; veRL uses 3"),
-        ("steps", cfg.steps >= 1, "at least 1"),
-        ("lr", cfg.lr > 0, "above 0"),
-        ("warmup_steps", cfg.warmup_steps >= 0, "at least 0"),
-        ("weight_decay", cfg.weight_decay >= 0, "at least 0"),
-        ("grad_clip", cfg.grad_clip > 0, "above 0"),
-        ("mini_batches", cfg.mini_batches >= 1, "at least 1"),
-        ("micro_batch_tokens", cfg.micro_batch_tokens >= 1, "at least 1"),
-        ("logit_chunk", cfg.logit_chunk >= 0, "at least 0 (0: no chunking)"),
-        ("save_every", cfg.save_every >= 1, "at least 1"),
-        ("log_samples", cfg.log_samples >= 0, "at least 0"),
-        ("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None, "auto, cpu, cuda, cuda:N or mps"),
-    ]
-    errors = [
-        f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {allowed}" for name, ok, allowed in rules if not ok
-    ]
-    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes: each holds whole groups of every mini-batch
-    if cfg.mini_batches >= 1 and cfg.prompts_per_step % (cfg.mini_batches * world):
-        errors.append(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by --mini-batches "
-                      f"{cfg.mini_batches}" + (f" x {world} processes" if world > 1 else ""))  # fmt: skip
-    for f in dataclasses.fields(Config):  # choices also when a saved config is the source
-        value, choices = getattr(cfg, f.name), f.metadata["choices"]
-        if choices and value not in choices:
-            errors.append(f"--{f.name.replace('_', '-')} {value}: must be one of {', '.join(choices)}")
-        if f.type is float and not math.isfinite(value):
-            errors.append(f"--{f.name.replace('_', '-')} {value}: must be a finite number")
-    errors += [e for e in [device_error(cfg.device)] if e]
-    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
-        errors.append(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
-    return errors
-
-
-def device_error(device: str) -> str | None:
-    """Why --device cannot run on this machine, if it cannot."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return f"--device {device}: this machine or torch build has no CUDA device; use --device cpu (or auto)"
-    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
-        return f"--device {device}: there are {torch.cuda.device_count()} CUDA devices"
-    if device == "mps" and not torch.backends.mps.is_available():
-        return "--device mps: this machine or torch build has no MPS device; use --device cpu (or auto)"
-    return None
 
 
 def main(argv=None):
@@ -704,19 +529,8 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def dry_run(cfg: Config):
-    """Print the memory plan of --model from its config.json alone: no weights, no GPU needed."""
-    device = torch.device("cuda") if torch.cuda.is_available() else None
-    device_bytes = device_memory(cfg, device) if device else (cfg.gpu_memory_gb or 80) * 1e9
-    model_config = load_model_config(cfg.model)
-    plan = plan_memory(model_config, cfg, cfg.gpus, device_bytes)
-    print(format_plan(plan, model_config, cfg))
-    if plan["peak"] > plan["budget"]:
-        print(f"does not fit; {fixes_that_fit(model_config, cfg, cfg.gpus, device_bytes, 'cuda')}")
-
-
 # ==============================================================================================
-# Appendix. Support code: the verifier, data and prompt, models and devices, checkpoints and logs.
+# Appendix: support code.
 # ----------------------------------------------------------------------------------------------
 # A. Reward: a regex verifier. The answer is the content of the last \boxed{}; both sides are
 # normalised, then compared as strings, as numbers, as tuples/intervals, then as unordered lists.
@@ -793,7 +607,8 @@ def normalize_answer(answer: str) -> str | None:
         s = extract_boxed(s) or ""
     if not s or len(s) > MAX_ANSWER_CHARS or not _balanced(s):
         return None
-    s = _DEGREES.sub("", s.replace("{,}", ","))  # {,} before \{ and \} become braces; ^\circ before \circ
+    s = re.sub(r",\\! *", ",", s.replace("{,}", ","))  # 11,\! 111 and 1{,}000: thousands, before \! and \{ go
+    s = _DEGREES.sub("", s)  # ^\circ before \circ
     s = _COMMAND.sub(lambda m: _COMMANDS.get(m[1], m[0]), s)
     for old, new in _SYMBOLS:  # after the commands, so that \$ and \% are gone before $ and %
         s = s.replace(old, new)
@@ -955,6 +770,7 @@ DAPO_PREFIX = (
     "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
 )
 DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+PROBLEM_KEYS, ANSWER_KEYS = ("problem", "question", "prompt"), ("answer", "final_answer", "ground_truth")
 
 
 def toy_problems() -> list[dict]:
@@ -970,15 +786,10 @@ def row_to_example(row: dict, problem_key: str | None = None, answer_key: str | 
 
 
 def parse_row(row: dict, problem_key: str | None = None, answer_key: str | None = None) -> dict | str:
-    """One dataset row -> {"problem", "answer"}, or why it is unusable.
-
-    Recognised: problem/question/prompt (a string or a chat list), answer/final_answer/
-    ground_truth, DAPO's reward_model.ground_truth, or the last \\boxed{} of a solution.
-    """
-    if not isinstance(row, dict):
-        return f"a {type(row).__name__}, not an object"
-    keys = [problem_key] if problem_key else ["problem", "question", "prompt"]
-    problem = next((row[k] for k in keys if k in row), None)
+    """One dataset row -> {"problem", "answer"}, or why it is unusable. Recognised: problem/question/prompt
+    (a string or a chat list), answer/final_answer/ground_truth, DAPO's reward_model.ground_truth, or the
+    last \\boxed{} of a solution."""
+    problem = next((row[k] for k in ([problem_key] if problem_key else PROBLEM_KEYS) if k in row), None)
     if isinstance(problem, list):  # chat messages: the last user turn
         turns = [m.get("content") for m in problem if isinstance(m, dict) and m.get("role", "user") == "user"]
         problem = turns[-1] if turns else None
@@ -986,12 +797,11 @@ def parse_row(row: dict, problem_key: str | None = None, answer_key: str | None 
         answer = row.get(answer_key)
     elif isinstance(row.get("reward_model"), dict):  # DAPO
         answer = row["reward_model"].get("ground_truth")
-    elif any(k in row for k in ("answer", "final_answer", "ground_truth")):
-        answer = next((row[k] for k in ("answer", "final_answer", "ground_truth") if row.get(k) is not None), None)
+    elif any(k in row for k in ANSWER_KEYS):
+        answer = next((row[k] for k in ANSWER_KEYS if row.get(k) is not None), None)
     else:  # a worked solution (MATH) or a bare gold (open-r1's DAPO copy)
         answer = row.get("solution")
-        if isinstance(answer, str) and "\\boxed" in answer:
-            answer = extract_boxed(answer)
+        answer = extract_boxed(answer) if isinstance(answer, str) and "\\boxed" in answer else answer
     if isinstance(answer, list) and len(answer) == 1:  # OlympiadBench: a list of one
         answer = answer[0]
     if isinstance(answer, float) and answer.is_integer():
@@ -1004,70 +814,54 @@ def parse_row(row: dict, problem_key: str | None = None, answer_key: str | None 
     return {"problem": problem, "answer": str(answer).strip()}
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a local .jsonl, .json (a list of objects) or .parquet file; errors name the file and line."""
-    if not path.is_file():
-        sys.exit(f"--dataset {path}: no such file")
-    if path.suffix == ".parquet":
-        import datasets  # imported here: the other paths and most tests do not need it
-
-        try:
-            rows = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
-        except Exception as e:  # pyarrow's many error types; the message below is what a user needs
-            sys.exit(f"--dataset {path}: not a readable parquet file ({type(e).__name__})")
-    elif path.suffix == ".jsonl":
-        rows = [row for _, row in jsonl_objects(path)[0]]
-    else:
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8") or "[]")
-        except UnicodeDecodeError as e:
-            sys.exit(f"--dataset {path}: not UTF-8 (byte {e.start})")
-        except json.JSONDecodeError as e:
-            sys.exit(f"--dataset {path}: line {e.lineno}: not JSON ({e.msg})")
-        if not isinstance(rows, list):
-            sys.exit(f"--dataset {path}: a .json dataset must be a list of objects (use .jsonl for one per line)")
-    if not rows:
-        sys.exit(f"--dataset {path}: the file is empty")
-    return rows
-
-
 def load_problems(cfg: Config, tokenizer=None) -> list[dict]:
-    """Problems with gold answers from 'toy', a local file or the Hub, deduplicated by text; with a
-    tokenizer, only those whose prompt fits --max-prompt-tokens, with their token ids."""
-    if cfg.dataset == "toy":
-        examples = toy_problems()
-    else:
-        path = Path(cfg.dataset)
-        if path.suffix in (".jsonl", ".json", ".parquet"):
-            rows = read_rows(path)
-        elif path.exists():
-            sys.exit(f"--dataset {path}: local files are read as .jsonl, .json (a list of objects) or .parquet")
-        else:
-            import datasets
+    """Problems with gold answers from toy, a local file or the Hub, unique by text; with a tokenizer,
+    those whose prompt fits --max-prompt-tokens, with their token ids."""
+    import datasets
 
-            rows = from_hub(lambda: datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split),
-                            f"--dataset {cfg.dataset}", "--dataset path/to/file.jsonl or --dataset toy")  # fmt: skip
-        examples = usable_examples(rows, cfg)
+    path, kind = Path(cfg.dataset), {".json": "json", ".parquet": "parquet"}.get(Path(cfg.dataset).suffix)
+    if path.suffix in (".jsonl", ".json", ".parquet") and not path.is_file():
+        sys.exit(f"--dataset {path}: no such file")
+    if path.exists() and path.suffix not in (".jsonl", ".json", ".parquet"):
+        sys.exit(f"--dataset {path}: local files are read as .jsonl, .json (a list of objects) or .parquet")
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read: our one line says so
+    try:
+        if cfg.dataset == "toy":
+            rows = toy_problems()
+        elif path.suffix == ".jsonl":  # read here: an error names the line
+            rows = [row for _, row in jsonl_objects(path)[0]]
+        else:  # datasets reads .json and .parquet files, and the Hub
+            rows = list(datasets.load_dataset(kind, data_files=str(path), split="train") if kind else
+                        datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split))  # fmt: skip
+    except Exception as e:  # pyarrow's and the Hub's many error types: one line that says what to do
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        hub = "Offline? Pass a local file: --dataset path/to/file.jsonl, or --model tiny --dataset toy"
+        what = "cannot be read" if kind else "could not load it from the Hugging Face Hub"
+        sys.exit(f"--dataset {cfg.dataset}: {what} ({why}); {'check the file' if kind else hub}")
+    if not rows:
+        sys.exit(f"--dataset {cfg.dataset}: the file is empty")
+    examples = rows if cfg.dataset == "toy" else usable_examples(rows, cfg)
     if tokenizer is None:
         return examples
     problems = [{**e, "prompt_ids": encode_prompt(e["problem"], tokenizer, cfg.prompt_format)} for e in examples]
     fitting = [p for p in problems if len(p["prompt_ids"]) <= cfg.max_prompt_tokens]
-    print(f"data: {len(fitting)} problems with prompts of at most {cfg.max_prompt_tokens} tokens")
     if not fitting:
         shortest = min(len(p["prompt_ids"]) for p in problems)
         sys.exit(f"--max-prompt-tokens {cfg.max_prompt_tokens}: no prompt fits (the shortest has {shortest} tokens)")
+    print(f"data: {len(fitting)} problems with prompts of at most {cfg.max_prompt_tokens} tokens")
     return fitting
 
 
 def usable_examples(rows, cfg: Config) -> list[dict]:
     """Examples of the usable rows, unique by problem; the rows skipped are counted, with the first reason."""
-    columns = set().union(*(r.keys() for r in rows[:100] if isinstance(r, dict))) if len(rows) else set()
+    columns = set().union(*(row.keys() for row in rows[:100]))
     for key, flag in ((cfg.problem_key, "--problem-key"), (cfg.answer_key, "--answer-key")):
         if key and key not in columns:
             sys.exit(f"{flag} {key!r} is not a column of {cfg.dataset}; columns: {sorted(columns)}")
-    has_problem = cfg.problem_key or {"problem", "question", "prompt"} & columns
-    has_answer = cfg.answer_key or {"answer", "final_answer", "ground_truth", "reward_model", "solution"} & columns
-    if not (has_problem and has_answer):
+    if not (cfg.problem_key or set(PROBLEM_KEYS) & columns) or not (
+        cfg.answer_key or {*ANSWER_KEYS, "reward_model", "solution"} & columns
+    ):
         sys.exit(f"{cfg.dataset}: no problem/answer columns recognised among {sorted(columns)}; "
                  "name them with --problem-key and --answer-key")  # fmt: skip
     examples, seen, skipped = [], set(), []
@@ -1075,7 +869,7 @@ def usable_examples(rows, cfg: Config) -> list[dict]:
         example = parse_row(row, cfg.problem_key, cfg.answer_key)
         if isinstance(example, str):
             skipped.append(f"row {number}: {example}")
-        elif example["problem"] not in seen:  # the Hub DAPO-Math-17k repeats each problem ~100x
+        elif example["problem"] not in seen:  # the Hub's DAPO-Math-17k repeats each problem ~100x
             seen.add(example["problem"])
             examples.append(example)
     first = f"; first: {skipped[0]}" if skipped else ""
@@ -1096,127 +890,67 @@ def build_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> str:
 
 def encode_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> torch.Tensor:
     """Token ids of build_prompt's text; the template already holds any special tokens."""
-    return torch.tensor(
-        tokenizer(build_prompt(problem, tokenizer, prompt_format), add_special_tokens=False)["input_ids"]
-    )
+    text = build_prompt(problem, tokenizer, prompt_format)
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def prompts_for_step(problems: list, step: int, n: int, seed: int) -> list:
-    """The n problems of a step: a fresh seeded permutation each epoch, so a resumed run continues
-    exactly where it stopped from the step number alone."""
+def pick_problems(problems: list, step: int, cfg: Config) -> list:
+    """The P problems of a step: a fresh seeded permutation each epoch, so a resumed run continues exactly
+    from the step number alone. Under torchrun, this rank's slice of every mini-batch."""
     picked, orders = [], {}
-    for pos in range(step * n, (step + 1) * n):
+    for pos in range(step * cfg.prompts_per_step, (step + 1) * cfg.prompts_per_step):
         epoch, i = divmod(pos, len(problems))
         if epoch not in orders:
-            orders[epoch] = torch.randperm(
-                len(problems), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
-            )
+            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            orders[epoch] = torch.randperm(len(problems), generator=generator)
         picked.append(problems[orders[epoch][i]])
-    return picked
+    return my_share(picked, cfg.mini_batches)
 
 
 # ----------------------------------------------------------------------------------------------
-# C. Models and devices: a Hub/local checkpoint, or a tiny random Qwen3 with a byte-level tokenizer for CPU.
+# C. Models and rollouts: a Hub or local checkpoint, or a tiny random Qwen3 with a byte-level tokenizer.
 
 
-def build_tiny_tokenizer():
-    """Byte-level tokenizer (256 bytes + Qwen's three special tokens): any text, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: str = "rollouts",
+             kv_cache_bytes: float | None = None) -> Rollouts:  # fmt: skip
+    """One sampled completion per prompt, in as few generate calls as the KV-cache budget allows."""
+    from transformers import GenerationConfig
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    return tokenizer
-
-
-def tiny_config():
-    """A 2-layer Qwen3 config shaped like the real one (GQA, tied embeddings), for the tiny tokenizer:
-    256 bytes, then <|endoftext|> (256, also pad), <|im_start|>, <|im_end|> (258)."""
-    from transformers import Qwen3Config
-
-    return Qwen3Config(
-        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True,
-        eos_token_id=[256, 258], pad_token_id=256, bos_token_id=None,
-    )  # fmt: skip
-
-
-def build_tiny_model(tokenizer, seed: int = 0):
-    """A tiny Qwen3 with random weights."""
-    from transformers import Qwen3ForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_config()
-    assert config.vocab_size == len(tokenizer) and config.pad_token_id == tokenizer.pad_token_id
-    return Qwen3ForCausalLM(config)
-
-
-def teach_format(model, tokenizer, steps: int = 300):
-    """--model tiny-sft: supervised steps on the toy prompts with the answer \\boxed{d}, d a random digit, so
-    that RL starts near reward 0.1 as a base model does on math, instead of at 0 (a random model never
-    writes \\boxed{}). About 15 s on a CPU."""
-    end = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    prompts = [encode_prompt(e["problem"], tokenizer) for e in toy_problems()]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in tqdm(range(steps), desc="tiny-sft: teaching the answer format", leave=False, disable=None):
-        answers = [
-            tokenizer(f"\\boxed{{{random.randint(0, 9)}}}", add_special_tokens=False)["input_ids"] + end
-            for _ in range(16)
-        ]
-        seqs = [torch.cat([p, torch.tensor(a)]) for p, a in zip(random.choices(prompts, k=16), answers, strict=True)]
-        ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=tokenizer.pad_token_id)
-        labels = torch.full_like(ids, -100)  # the loss on the answers only
-        for row, (seq, answer) in enumerate(zip(seqs, answers, strict=True)):
-            labels[row, len(seq) - len(answer) : len(seq)] = seq[-len(answer) :]
-        model(input_ids=ids, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return model
-
-
-def load_model_config(name: str):
-    """The model's config alone (config.json of a folder or a Hub id): enough for the memory plan."""
-    from transformers import AutoConfig
-
-    if name in TINY:
-        return tiny_config()
-    return from_hub(lambda: AutoConfig.from_pretrained(name), f"--model {name}", "--model path/to/folder")
-
-
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    if name in TINY:
-        return build_tiny_tokenizer()
-    tokenizer = from_hub(lambda: AutoTokenizer.from_pretrained(name), f"--model {name}", "--model path/to/folder")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_model(name: str, device: torch.device, tokenizer, seed: int = 0, dtype=torch.float32):
-    """The policy, in fp32 to train: at lr 1e-6, bf16 master weights would drop the update (eval: bf16)."""
-    from transformers import AutoModelForCausalLM
-
-    if name in TINY:
-        model = build_tiny_model(tokenizer, seed)
-        return (teach_format(model, tokenizer) if name == "tiny-sft" else model).to(device, dtype)
-    load = lambda: AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)  # noqa: E731 -- one call, named for from_hub
-    return from_hub(load, f"--model {name}", "--model path/to/folder").to(device)
-
-
-def load_policy(name: str, device: torch.device, seed: int = 0, dtype=torch.float32):
-    """(model, tokenizer); the model in fp32 unless dtype says otherwise."""
-    tokenizer = load_tokenizer(name)
-    return load_model(name, device, tokenizer, seed, dtype), tokenizer
+    device, eos = next(model.parameters()).device, eos_token_ids(model, tokenizer)
+    gen_config = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                  max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
+                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    chunk = sequences_per_generate(model, max(len(p) for p in prompts), cfg, kv_cache_bytes)
+    calls, completions, was_training = math.ceil(len(prompts) / chunk), [], model.training
+    progress = DecodeProgress(f"{desc} ({len(prompts)} sequences, {calls} calls)", calls, cfg.max_new_tokens)
+    with progress, unsharded(model.eval()):  # FSDP2: whole weights (bf16 with autocast) on every rank
+        # bf16: sample from a bf16 copy, not under autocast, so that keys and values are both bf16 (Qwen3's
+        # fp32 q/k-norm weights make autocast's keys fp32) and no decoding step pays for casts.
+        copy = uses_bf16(cfg, device) and next(model.parameters()).dtype != torch.bfloat16
+        sampler = bf16_copy(model) if copy else model
+        for start in range(0, len(prompts), chunk):
+            ids, mask = left_pad(prompts[start : start + chunk], tokenizer.pad_token_id)
+            out = sampler.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                streamer=progress,
+                generation_config=gen_config,
+                synced_gpus=False,
+            )  # (b, L + new); unsharded: no sync
+            completions += list(out[:, ids.shape[1] :].cpu())
+        del sampler  # the copy lives for one call: its memory serves the update
+    model.train(was_training)
+    # Cut each completion after its first EOS, which stays in (it is the answer's last action).
+    width = max(1, max(len(c) for c in completions))
+    tokens = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+    completion_mask = torch.zeros((len(completions), width), dtype=torch.bool)  # (B, T)
+    for row, c in enumerate(completions):
+        hits = torch.isin(c, torch.tensor(eos)).nonzero()
+        n = int(hits[0]) + 1 if len(hits) else len(c)
+        tokens[row, :n], completion_mask[row, :n] = c[:n], True
+    truncated = torch.tensor([not torch.isin(c, torch.tensor(eos)).any() for c in completions])  # (B,): no EOS
+    return Rollouts(prompts, tokens, completion_mask, truncated)
 
 
 def bf16_copy(model):
@@ -1234,147 +968,234 @@ def bf16_copy(model):
     return copy.eval()
 
 
-def from_hub(load, what: str, local: str):
-    """load(), with one line instead of a traceback when the Hub cannot be reached or a local
-    folder is damaged."""
-    name = what.split(" ", 1)[1]
-    if not Path(name).exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
-        sys.exit(f"{what}: no such folder (a path, not a Hub id like Qwen/Qwen3-1.7B-Base)")
-    if (Path(name) / "trainer_state.pt").exists():
-        what = f"--resume {name}"
-    if Path(name).is_dir() and not (Path(name) / "config.json").exists():
-        latest = max(checkpoints(Path(name)), key=checkpoint_step, default=None)
-        run = f" (a run folder: pass one of its checkpoints, e.g. {latest})" if latest else ""
-        sys.exit(f"{what}: no config.json in it, so not a model folder{run}")
+class DecodeProgress(tqdm):
+    """Decoding steps, as a generate() streamer: a bar in a terminal; in a log file, a status every 30 s
+    once the work has run that long (short work prints nothing)."""
+
+    def __init__(self, desc: str, calls: int, max_new_tokens: int, every: float = 30.0):
+        every = 0.1 if sys.stderr.isatty() else every
+        super().__init__(total=calls * max_new_tokens, desc=desc, unit="tok", leave=False, mininterval=every,
+                         delay=every, disable=rank_and_world()[0] > 0)  # fmt: skip
+        self.per_call, self.calls = max_new_tokens, 0
+
+    def put(self, ids):  # once with the prompt, then once per decoding step
+        self.update(1)
+
+    def end(self):  # a call ends, early when every answer has stopped: count it whole
+        self.calls += 1
+        self.update(self.calls * self.per_call - self.n)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: Qwen3-Base stops on <|endoftext|>, chat turns end on <|im_end|>."""
+    configured = model.generation_config.eos_token_id
+    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids |= {im_end} if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else set()
+    return sorted(i for i in ids if i is not None)
+
+
+def build_tiny_tokenizer():
+    """Byte-level tokenizer (256 bytes + Qwen's three special tokens): any text, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tokenizer
+
+
+def tiny_config():
+    """A 2-layer Qwen3 shaped like the real one (GQA, tied embeddings), for the tiny tokenizer:
+    256 bytes, then <|endoftext|> (256, also pad), <|im_start|>, <|im_end|> (258)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True,
+        eos_token_id=[256, 258], pad_token_id=256, bos_token_id=None,
+    )  # fmt: skip
+
+
+def teach_format(model, tokenizer, steps: int = 300):
+    """--model tiny-sft: supervised steps on the toy prompts with the answer \\boxed{d}, d a random digit,
+    so that RL starts near reward 0.1 as a base model does on math (a random model never writes \\boxed{})."""
+    end = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    prompts = [encode_prompt(e["problem"], tokenizer) for e in toy_problems()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in tqdm(range(steps), desc="tiny-sft: teaching the answer format", leave=False, disable=None):
+        answers = [tokenizer(f"\\boxed{{{random.randint(0, 9)}}}", add_special_tokens=False)["input_ids"] + end
+                   for _ in range(16)]  # fmt: skip
+        seqs = [torch.cat([p, torch.tensor(a)]) for p, a in zip(random.choices(prompts, k=16), answers, strict=True)]
+        ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=tokenizer.pad_token_id)
+        labels = torch.full_like(ids, -100)  # the loss on the answers only
+        for row, (seq, answer) in enumerate(zip(seqs, answers, strict=True)):
+            labels[row, len(seq) - len(answer) : len(seq)] = seq[-len(answer) :]
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+def load_model_config(name: str):
+    """The model's config alone (config.json of a folder or a Hub id): enough for the memory plan."""
+    from transformers import AutoConfig
+
+    return tiny_config() if name in TINY else from_hub(lambda: AutoConfig.from_pretrained(name), name)
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = build_tiny_tokenizer() if name in TINY else from_hub(lambda: AutoTokenizer.from_pretrained(name), name)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, device: torch.device, tokenizer, seed: int = 0, dtype=torch.float32):
+    """The policy, in fp32 to train: at lr 1e-6, bf16 master weights would drop the update (eval: bf16)."""
+    from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+    if name in TINY:
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(tiny_config())
+        return (teach_format(model, tokenizer) if name == "tiny-sft" else model).to(device, dtype)
+    return from_hub(lambda: AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True), name).to(
+        device
+    )
+
+
+def load_policy(name: str, device: torch.device, seed: int = 0, dtype=torch.float32):
+    """(model, tokenizer); the model in fp32 unless dtype says otherwise."""
+    tokenizer = load_tokenizer(name)
+    return load_model(name, device, tokenizer, seed, dtype), tokenizer
+
+
+def from_hub(load, name: str):
+    """load(), with one line instead of a traceback for a missing folder, an unreachable Hub or a damaged file."""
+    flag, path = "--resume" if (Path(name) / "trainer_state.pt").exists() else "--model", Path(name)
+    if not path.exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
+        sys.exit(f"{flag} {name}: no such folder (a path, not a Hub id like Qwen/Qwen3-1.7B-Base)")
+    if path.is_dir() and not (path / "config.json").exists():
+        latest = max(checkpoints(path), key=checkpoint_step, default=None)
+        sys.exit(f"{flag} {name}: no config.json in it, so not a model folder"
+                 + (f" (a run folder: pass one of its checkpoints, e.g. {latest})" if latest else ""))  # fmt: skip
     try:
         return load()
-    except Exception as e:  # a local folder: whatever its damage (safetensors, json, ...), one line
-        if not Path(name).exists() and not isinstance(e, (OSError, ValueError, ConnectionError)):
-            raise  # not a loading failure: a bug, show it whole
-        if Path(name).exists():
-            sys.exit(f"{what}: cannot be loaded from it ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        sys.exit(f"{what}: could not load it from the Hugging Face Hub ({type(e).__name__}). Offline? Download it "
-                 f"where the Hub is reachable and pass the folder: {local}. Without any download: "
+    except Exception as e:  # a local folder, whatever its damage (safetensors, json, ...): one line
+        if path.exists():
+            sys.exit(f"{flag} {name}: cannot be loaded from it ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if not isinstance(e, (OSError, ValueError, ConnectionError)):
+            raise  # not a loading failure: a bug, shown whole
+        sys.exit(f"{flag} {name}: could not load it from the Hugging Face Hub ({type(e).__name__}). Offline? Download "
+                 "it where the Hub is reachable and pass the folder: --model path/to/folder. Without any download: "
                  "python stapo.py --model tiny --dataset toy")  # fmt: skip
 
 
 def quiet_libraries():
-    """No progress bars for saving and loading a checkpoint (ours show the rollouts), and each Hub warning
-    once: an offline Hub otherwise repeats two lines per retry before the one line that says what to do."""
+    """No progress bars for saving and loading (ours show the rollouts), and each Hub warning once: an
+    offline Hub otherwise repeats two lines per retry before the one line that says what to do."""
     import logging
 
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    seen = set()
-
-    def first_time(record) -> bool:
-        text = re.sub(r"\d+", "N", record.getMessage())  # "Retrying in 2s [Retry 2/5]" as "Retrying in Ns ..."
-        return text not in seen and not seen.add(text)
-
-    logging.getLogger("huggingface_hub.utils._http").addFilter(first_time)
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends an answer: Qwen3-Base stops on <|endoftext|>, chat turns end on <|im_end|>."""
-    ids = {tokenizer.eos_token_id}
-    configured = model.generation_config.eos_token_id
-    ids |= set(configured if isinstance(configured, list) else [configured])
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return sorted(i for i in ids if i is not None)
+    seen = set()  # "Retrying in 2s [Retry 2/5]" is "Retrying in 1s [Retry 1/5]" again
+    once = lambda record: (text := re.sub(r"\d+", "N", record.getMessage())) not in seen and not seen.add(text)  # noqa: E731
+    logging.getLogger("huggingface_hub.utils._http").addFilter(once)
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def device_memory(cfg: Config, device: torch.device) -> float:
-    """Bytes the run may plan for: --gpu-memory-gb, else what is free on the GPU (the CUDA context, other
-    processes and NCCL's buffers are not) plus what this process's allocator already holds, else the RAM."""
-    if cfg.gpu_memory_gb > 0:
-        return cfg.gpu_memory_gb * 1e9
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def uses_bf16(cfg: Config, device: torch.device) -> bool:
-    return cfg.precision == "bf16-autocast" or (cfg.precision == "auto" and device.type == "cuda")
-
-
-def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast over fp32 weights on CUDA (or when asked for); plain fp32 otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(cfg, device) else nullcontext()
-
-
-def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask), both (b, max_len), padded on the left as generate expects."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s) :] = s
-        mask[row, width - len(s) :] = 1
-    return ids, mask
-
-
-def sequences_per_generate(model, prompt_len: int, cfg: Config, kv_cache_bytes: float) -> int:
-    """How many sequences one generate call may hold so their KV cache fits kv_cache_bytes."""
-    per_token = kv_bytes_per_token(model.config, uses_bf16(cfg, next(model.parameters()).device))
-    return max(1, int(kv_cache_bytes // (per_token * (prompt_len + cfg.max_new_tokens))))
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
 
 
 # ----------------------------------------------------------------------------------------------
-# D. Checkpoints and log files
+# D. Command line, run folders, checkpoints, log files, trackers
+
+AT_LEAST_1 = ("prompts_per_step", "max_prompt_tokens", "max_new_tokens", "steps", "mini_batches", "gpus",
+              "micro_batch_tokens", "save_every", "dist_timeout_min")  # fmt: skip
+AT_LEAST_0 = ("kv_cache_gb", "gpu_memory_gb", "warmup_steps", "weight_decay", "logit_chunk", "log_samples", "eps_high")
+RULES = {  # flag: (allowed?, what is allowed)
+    "group_size": (lambda v: v >= 2, "at least 2: advantages compare the samples of a group"),
+    "temperature": (lambda v: v > 0, "above 0"), "lr": (lambda v: v > 0, "above 0"),
+    "grad_clip": (lambda v: v > 0, "above 0"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "tau_p": (lambda v: 0 < v < 1, "a probability in (0, 1); the paper uses 0.002"),
+    "q": (lambda v: 0 <= v <= 1, "a quantile in [0, 1]; the paper uses 0.75"),
+    "entropy_top": (lambda v: 0 < v <= 1, "a share in (0, 1]"), "eps_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "dual_clip": (lambda v: v == 0 or v > 1, "0 (off) or above 1; veRL uses 3"),
+    "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu, cuda or cuda:N"),
+    **{name: (lambda v: v >= 1, "at least 1") for name in AT_LEAST_1},
+    **{name: (lambda v: v >= 0, "at least 0") for name in AT_LEAST_0},
+}  # fmt: skip
+
+
+def parse_args(argv=None) -> Config:
+    """Flags from the dataclass, each bad value named in one line before anything loads. With --resume,
+    the checkpoint's saved config is the base and the flags given go on top."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(Config, description=__doc__.split("\n")[0], epilog="curves: python plot.py RUN_DIR ...")
+    parser.error = lambda message: parser.exit(2, f"stapo.py: error: {message}\n")  # one line; --help has usage
+    argv = sys.argv[1:] if argv is None else argv
+    args, flags = vars(parser.parse_args(argv)), {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv}
+    given = {k: v for k, v in args.items() if k in flags}
+    base = saved_config(Path(given["resume"]), given, parser.error) if given.get("resume") else {}
+    tiny = TINY_DEFAULTS if given.get("model", base.get("model")) in TINY else {}  # CPU-sized unless given
+    cfg = Config(**{**args, **tiny, **base, **given})
+    errors = []
+    for name, (ok, allowed) in RULES.items():
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+            finite = isinstance(value, str) or math.isfinite(value)
+            errors.append(f"--{name.replace('_', '-')} {value}: must be {allowed if finite else 'a finite number'}")
+    for f in (f for f in dataclasses.fields(Config) if getattr(f.type, "__origin__", None) is Literal):
+        if getattr(cfg, f.name) not in f.type.__args__:  # a saved config is not checked by argparse
+            errors.append(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}: must be one of {f.type.__args__}")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun: each process holds whole groups of every mini-batch
+    if cfg.prompts_per_step % (max(1, cfg.mini_batches) * world):
+        errors.append(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by --mini-batches "
+                      f"{cfg.mini_batches}" + (f" x {world} processes" if world > 1 else ""))  # fmt: skip
+    if cfg.device.startswith("cuda") and not torch.cuda.device_count() > int(cfg.device[5:] or 0):
+        errors.append(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        errors.append(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
+    for error in errors:
+        parser.error(error)
+    return cfg
+
+
+def saved_config(ckpt: Path, given: dict, error) -> dict:
+    """The config a checkpoint was trained with, checked against the flags given with --resume."""
+    if not (ckpt / "trainer_state.pt").exists() or checkpoint_step(ckpt) < 0:
+        error(f"--resume {ckpt}: " + ("not a checkpoint folder (step-N with a trainer_state.pt, as this trainer "
+                                      "writes them)" if ckpt.is_dir() else "no such folder"))  # fmt: skip
+    try:
+        base = json.loads((ckpt / "stapo_config.json").read_text())
+        assert isinstance(base, dict) and "model" in base
+    except (OSError, ValueError, AssertionError):
+        error(f"--resume {ckpt}: its stapo_config.json is missing or damaged; resume from another checkpoint")
+    saved, world = base.pop("world_size", 1), int(os.environ.get("WORLD_SIZE", 1))
+    if saved != world:
+        error(f"--resume {ckpt}: written by {saved} process(es), resumed by {world}; an exact resume needs the "
+              f"same number: torchrun --nproc_per_node {saved}")  # fmt: skip
+    if given.get("model", base["model"]) != base["model"]:
+        error(f"--model {given['model']}: {ckpt} holds weights trained from {base['model']}, and those are what "
+              "resumes; drop --model, or start a new run")  # fmt: skip
+    if given.get("steps", base["steps"]) <= checkpoint_step(ckpt):
+        error(f"--steps {given.get('steps', base['steps'])}: {ckpt} is at step {checkpoint_step(ckpt)} already, and "
+              "--steps counts all the steps of the run; give more")  # fmt: skip
+    names = {f.name for f in dataclasses.fields(Config)}
+    return {k: v for k, v in base.items() if k in names} | {"output_dir": str(ckpt.parent)}  # its own run, unless given
 
 
 LOG_FILES = ("metrics.jsonl", "samples.jsonl", "spurious.jsonl")
-
-
-def check_run_folder(cfg: Config) -> bool:
-    """One run, one folder. A fresh run needs a folder without a run in it. --resume continues in the
-    checkpoint's own folder only from its latest checkpoint; from an earlier one it must branch into
-    a new --output-dir. Returns whether this run continues in the checkpoint's folder."""
-    out = Path(cfg.output_dir)
-    ckpt = Path(cfg.resume) if cfg.resume else None
-    if ckpt is not None and out.resolve() == ckpt.parent.resolve():
-        latest = max(checkpoints(out), key=checkpoint_step)
-        if latest.resolve() != ckpt.resolve():
-            sys.exit(f"--resume {ckpt}: {out} has a later checkpoint, {latest.name}; continuing here would mix "
-                     f"two histories. Branch into a new folder: --output-dir NEW_FOLDER")  # fmt: skip
-        return True
-    if checkpoints(out):
-        sys.exit(f"--output-dir {out} already holds a run; continue it with --resume "
-                 f"{max(checkpoints(out), key=checkpoint_step)}, "
-                 "or give a new --output-dir")  # fmt: skip
-    if out.exists() and any((out / n).exists() for n in (*LOG_FILES, "stapo_config.json")):
-        sys.exit(f"--output-dir {out} holds the records of a run that stopped before its first checkpoint; "
-                 "there is nothing to resume: move the folder away or give a new --output-dir")  # fmt: skip
-    return False
-
-
-def open_run_folder(cfg: Config, same_run: bool) -> Path:
-    """The run folder with stapo_config.json (what actually runs). Nothing is ever deleted: in the same
-    run, records of steps after the checkpoint (the stop lost them) are set aside in
-    <name>.after-step-N.jsonl; a branch starts with its parent's records up to the checkpoint."""
-    out, ckpt = Path(cfg.output_dir), Path(cfg.resume) if cfg.resume else None
-    for name in LOG_FILES if same_run else ():
-        set_aside_records_after(out / name, checkpoint_step(ckpt))
-    out.mkdir(parents=True, exist_ok=True)
-    config = dataclasses.asdict(cfg)
-    if ckpt is not None and not same_run:  # a branch: where it came from, and its history up to there
-        config["branched_from"] = str(ckpt.resolve())
-        for name in LOG_FILES:
-            source = ckpt.parent / name
-            records = [r for r in read_jsonl(source) if r["step"] <= checkpoint_step(ckpt)] if source.exists() else []
-            write_jsonl(out / name, records)
-    replace_file(out / "stapo_config.json", json.dumps(config, indent=2))
-    print(f"config: {out / 'stapo_config.json'}")
-    return out
 
 
 def checkpoints(run: Path) -> list[Path]:
@@ -1386,9 +1207,81 @@ def checkpoint_step(ckpt: Path) -> int:
     return int(match[1]) if match else -1
 
 
+def check_run_folder(cfg: Config) -> bool:
+    """One run, one folder. --resume continues in the checkpoint's own folder from its latest checkpoint
+    only; from an earlier one it branches into a new --output-dir. Returns whether this run continues."""
+    out, ckpt = Path(cfg.output_dir), Path(cfg.resume) if cfg.resume else None
+    latest = max(checkpoints(out), key=checkpoint_step, default=None)
+    if ckpt and out.resolve() == ckpt.parent.resolve():
+        if latest.resolve() != ckpt.resolve():
+            sys.exit(f"--resume {ckpt}: {out} has a later checkpoint, {latest.name}; continuing here would mix two "
+                     "histories. Branch into a new folder: --output-dir NEW_FOLDER")  # fmt: skip
+        return True
+    if latest:
+        sys.exit(f"--output-dir {out} already holds a run; continue it with --resume {latest}, or give a new one")
+    if any((out / n).exists() for n in (*LOG_FILES, "stapo_config.json")):
+        sys.exit(f"--output-dir {out} holds the records of a run that stopped before its first checkpoint; there is "
+                 "nothing to resume: move the folder away or give a new --output-dir")  # fmt: skip
+    return False
+
+
+def open_run_folder(cfg: Config, same_run: bool) -> Path:
+    """The run folder with stapo_config.json. Nothing is deleted: in the same run, records of steps after the
+    checkpoint (the stop lost them) go to <name>.after-step-N.jsonl; a branch starts with its parent's
+    records up to the checkpoint."""
+    out, ckpt = Path(cfg.output_dir), Path(cfg.resume) if cfg.resume else None
+    out.mkdir(parents=True, exist_ok=True)
+    for name in LOG_FILES if ckpt else ():
+        source, step = (out if same_run else ckpt.parent) / name, checkpoint_step(ckpt)
+        records = read_jsonl(source) if source.exists() else []
+        kept = [r for r in records if r["step"] <= step]
+        torn = source.exists() and not source.read_bytes().endswith(b"\n") and source.stat().st_size > 0
+        if same_run and (len(kept) < len(records) or torn):
+            append_jsonl(out / f"{name[:-6]}.after-step-{step:06d}.jsonl", records[len(kept) :])
+        if not same_run or len(kept) < len(records) or torn:
+            replace_file(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    branch = {"branched_from": str(ckpt.resolve())} if ckpt and not same_run else {}
+    replace_file(out / "stapo_config.json", json.dumps(dataclasses.asdict(cfg) | branch, indent=2))
+    print(f"config: {out / 'stapo_config.json'}")
+    return out
+
+
+def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: int) -> Path:
+    """Write out/step-N atomically: a temporary folder, then one rename. A failed write (a full disk) removes
+    it and stops with one line naming the last good checkpoint. Under torchrun every rank calls it; rank 0
+    writes, and the optimizer state is saved sharded."""
+    out, (rank, world) = Path(cfg.output_dir), rank_and_world()
+    final, tmp = out / f"step-{step:06d}", out / f".tmp-step-{step:06d}"
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    rng |= {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        weights, rngs = sharded_state(model, optimizer, tmp), all_records([rng])
+        if rank == 0:
+            model.save_pretrained(tmp, state_dict=weights)  # safetensors; weights None: the model's own
+            tokenizer.save_pretrained(tmp)
+            state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rngs if world > 1 else rng}
+            torch.save(state | ({"optimizer": optimizer.state_dict()} if world == 1 else {}), tmp / "trainer_state.pt")
+            replace_file(
+                tmp / "stapo_config.json", json.dumps(dataclasses.asdict(cfg) | {"world_size": world}, indent=2)
+            )
+            os.replace(tmp, final)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = "the disk is full" if "No space left" in str(e) or getattr(e, "errno", None) == 28 else "the write failed"
+        last = max(checkpoints(out), key=checkpoint_step, default=None)
+        sys.exit(f"could not save {final}: {why} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                 f"the last good checkpoint is {last or 'none yet'}")  # fmt: skip
+    barrier()
+    return final
+
+
 def restore_trainer_state(cfg: Config, model, optimizer, scheduler) -> int:
-    """Optimizer, schedule and RNG of the checkpoint; then the flags of this run on top (--lr, --weight-decay,
-    --warmup-steps). Returns the step to continue from."""
+    """Optimizer, schedule and RNG of the checkpoint, then this run's --lr, --weight-decay and --warmup-steps.
+    Returns the step to continue from."""
     path = Path(cfg.resume) / "trainer_state.pt"
     try:
         state = torch.load(path, weights_only=True)  # tensors and numbers only: nothing is executed
@@ -1412,106 +1305,26 @@ def restore_trainer_state(cfg: Config, model, optimizer, scheduler) -> int:
     return state["step"]
 
 
-def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: int) -> Path:
-    """Write out/step-N atomically: a temporary folder, then one rename. A failed write (a full disk)
-    removes the temporary folder and stops with one line naming the last good checkpoint. Under
-    torchrun every rank calls it; rank 0 writes, and the optimizer state is saved sharded."""
-    out, (rank, world) = Path(cfg.output_dir), rank_and_world()
-    final, tmp = out / f"step-{step:06d}", out / f".tmp-step-{step:06d}"
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        weights, rngs = sharded_state(model, optimizer, tmp), all_records([rng])
-        if rank == 0:
-            model.save_pretrained(tmp, state_dict=weights)  # safetensors; weights None: the model's own
-            tokenizer.save_pretrained(tmp)
-            state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rngs if world > 1 else rng}
-            if world == 1:
-                state["optimizer"] = optimizer.state_dict()
-            torch.save(state, tmp / "trainer_state.pt")
-            replace_file(
-                tmp / "stapo_config.json", json.dumps({**dataclasses.asdict(cfg), "world_size": world}, indent=2)
-            )
-            os.replace(tmp, final)
-    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        why = "the disk is full" if "No space left" in str(e) or getattr(e, "errno", None) == 28 else "the write failed"
-        last = max(checkpoints(out), key=checkpoint_step, default=None)
-        sys.exit(f"could not save {final}: {why} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                 f"the last good checkpoint is {last or 'none yet'}")  # fmt: skip
-    barrier()
-    return final
-
-
-class DecodeProgress:
-    """Progress of the rollouts, as a generate() streamer that counts decoding steps: a tqdm bar in a
-    terminal, and a line every `every` seconds when output goes to a file (a cluster job's log)."""
-
-    def __init__(self, desc: str, calls: int, max_new_tokens: int, every: float = 30.0):
-        self.desc, self.total, self.per_call, self.every = desc, calls * max_new_tokens, max_new_tokens, every
-        self.bar = tqdm(total=self.total, desc=desc, unit="tok", leave=False, disable=None)
-        self.steps, self.calls_done, self.start, self.last_line = 0, 0, time.time(), time.time()
-
-    def put(self, ids):  # generate() calls it with the prompt, then once per decoding step
-        self.steps += 1
-        self.bar.update(1)
-        if self.bar.disable and time.time() - self.last_line >= self.every:  # other ranks print to /dev/null
-            self.last_line = time.time()
-            print(f"{self.desc}: {self.steps}/{self.total} decoding steps, {time.time() - self.start:.0f}s", flush=True)
-
-    def end(self):  # a call ends, early when every answer has stopped: count it whole
-        self.calls_done += 1
-        self.bar.update(self.calls_done * self.per_call - self.steps)
-        self.steps = self.calls_done * self.per_call
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.close()
-
-
-def log_line(m: dict) -> str:
-    tau_h = f"{m['tau_h']:.3f}" if m["tau_h"] is not None else "  -  "
-    return (
-        f"step {m['step']:>4}/{m['steps']} | reward {m['reward']:.3f} | zero-std {m['frac_zero_std']:.2f} | "
-        f"len {m['len_mean']:6.1f} | trunc {m['truncated_frac']:.2f} | H {m['entropy']:.3f} | "
-        f"silenced {m['n_spurious']:>3}/{m['n_candidates']:<4} ({100 * m['spurious_frac']:.4f}%) tau_h {tau_h} | "
-        f"clip {100 * m['clip_frac']:.2f}% | loss {m['loss']:+.4f} | gnorm {m['grad_norm']:.3f} | "
-        f"lr {m['lr']:.1e} | gen {m['gen_s']:.1f}s train {m['train_s']:.1f}s"
-    )
-
-
 def jsonl_objects(path: Path, torn_tail_ok: bool = False) -> tuple[list[tuple[int, dict]], int]:
-    """(line number, object) of each non-blank line and the byte length of the lines kept. Anything but one
+    """(line number, object) of each non-blank line, and the byte length of the lines kept. Anything but one
     JSON object per UTF-8 line is a one-line SystemExit naming file and line; with torn_tail_ok, a last line
     that a kill during an append cut short (no newline, does not parse) is dropped with a warning instead."""
     data = path.read_bytes()
-    lines = data.split(b"\n")  # the last item is b"" when the file ends with a newline
-    objects = []
+    lines, objects = data.split(b"\n"), []  # the last item is b"" when the file ends with a newline
     for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
-            obj = json.loads(line.decode("utf-8"))
+            obj = json.loads(line.decode("utf-8")) if line.strip() else {}
+            problem = None if isinstance(obj, dict) else f"a JSON {type(obj).__name__}, not an object"
         except UnicodeDecodeError as e:
             problem = f"not UTF-8 (byte {line[e.start]:#x} at column {e.start + 1})"
         except json.JSONDecodeError as e:
             problem = f"not JSON ({e.msg} at column {e.colno})"
-        else:
-            if isinstance(obj, dict):
-                objects.append((n, obj))
-                continue
-            problem = f"a JSON {type(obj).__name__}, not an object"
-        if torn_tail_ok and n == len(lines):
+        if problem and torn_tail_ok and n == len(lines):
             print(f"warning: {path}: line {n} is cut short (a crash while writing?); dropped", file=sys.stderr)
             return objects, len(data) - len(line)
-        sys.exit(f"{path}: line {n}: {problem}")
+        if problem:
+            sys.exit(f"{path}: line {n}: {problem}")
+        objects += [(n, obj)] if line.strip() else []
     return objects, len(data)
 
 
@@ -1520,26 +1333,8 @@ def read_jsonl(path: Path) -> list[dict]:
     return [record for _, record in jsonl_objects(path, torn_tail_ok=True)[0]]
 
 
-def set_aside_records_after(path: Path, step: int):
-    """Keep the records up to `step` in path; move later ones (and a torn last line) out of the way."""
-    if not path.exists():
-        return
-    records = read_jsonl(path)
-    kept = [r for r in records if r["step"] <= step]
-    torn = not path.read_bytes().endswith(b"\n") and path.stat().st_size > 0  # every append ends with a newline
-    if len(kept) == len(records) and not torn:
-        return
-    append_jsonl(path.with_name(f"{path.stem}.after-step-{step:06d}.jsonl"), records[len(kept) :])
-    write_jsonl(path, kept)
-
-
-def write_jsonl(path: Path, records: list[dict]):
-    replace_file(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
 def replace_file(path: Path, data: str | bytes):
-    """Replace a file whole or not at all: a temporary file beside it, flushed to disk, then renamed
-    (a kill leaves the old file or the new one, never half of one)."""
+    """Replace a file whole or not at all: a temporary file beside it, flushed to disk, then renamed."""
     tmp = path.with_name(f".{path.name}.tmp")  # the same folder, so os.replace is a rename
     try:
         with tmp.open("wb") as f:
@@ -1559,22 +1354,62 @@ def append_jsonl(path: Path, records: list[dict]):
         os.fsync(f.fileno())
 
 
-def inspect_token(s: dict, rollouts: Rollouts, tokenizer, step: int, context: int = 8) -> dict:
-    """A silenced token with a few decoded tokens of context on each side."""
-    ids = rollouts.completions[s["row"], rollouts.completion_mask[s["row"]]].tolist()
-    t = s["t"]
-    return {
-        "step": step, "token": tokenizer.decode(ids[t : t + 1]),
-        "left": tokenizer.decode(ids[max(0, t - context) : t]), "right": tokenizer.decode(ids[t + 1 : t + 1 + context]),
-        "p": s["p"], "H": s["H"], "A": s["A"], "tau_h": s["tau_h"], "sample": s["row"], "position": t,
-    }  # fmt: skip
+class Tracker(NamedTuple):
+    log: Callable[[dict, int], None]  # (metrics, step)
+    finish: Callable[[], None]
+
+
+def open_tracker(cfg: Config, config: dict) -> Tracker:
+    """--report-to: one shape for all (init, log the numeric metrics of each step, finish); optional packages."""
+    numbers = lambda metrics: {k: v for k, v in metrics.items() if k != "step" and isinstance(v, int | float)}  # noqa: E731
+    out = Path(cfg.output_dir)
+    try:
+        if cfg.report_to == "none":
+            return Tracker(lambda metrics, step: None, lambda: None)
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # raises ImportError without the tensorboard package
+
+            writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+            writer.add_text("config", json.dumps(config, indent=2))
+            print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'}")
+            return Tracker(lambda m, step: [writer.add_scalar(k, v, step) for k, v in numbers(m).items()], writer.close)
+        lib = importlib.import_module(cfg.report_to)  # wandb and trackio share one API
+    except ImportError:
+        raise SystemExit(
+            f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}"
+        ) from None
+    lib.init(
+        project="stapo",
+        name=out.resolve().name,
+        config=config,
+        **({"dir": str(out)} if cfg.report_to == "wandb" else {}),
+    )
+    return Tracker(lambda metrics, step: lib.log(numbers(metrics), step=step), lib.finish)
 
 
 # ----------------------------------------------------------------------------------------------
 # E. Memory plan: the bytes of each part and the peak of each phase, from a model config alone.
-# GB here is 1e9 bytes; D hidden size, M MLP width, H and K query and key/value heads of width d.
+# GB here is 1e9 bytes; D hidden size, M MLP width, L layers, H and K query and key/value heads of width d.
 
-HEADROOM = 0.9  # plan to 90 % of the device: the CUDA allocator rounds and fragments
+HEADROOM = 0.9  # plan to 90 % of what is free: the CUDA allocator rounds and fragments
+PHASES = {  # the parts alive at the peak of each phase of a step
+    "generation": ("weights", "adamw", "rollout_weights", "gathered_model", "kv_cache", "sampling"),
+    "scoring": ("weights", "adamw", "autocast_weights", "gathered_layers", "forward_working", "lm_head_chunk"),
+    "update": ("weights", "gradients", "adamw", "autocast_weights", "gathered_layers", "activations", "lm_head_chunk"),
+    "optimizer step": ("weights", "gradients", "adamw", "optimizer_temporaries"),
+}
+PART_LABELS = {
+    "weights": "fp32 weights", "gradients": "fp32 gradients", "adamw": "AdamW states (2 x fp32)",
+    "optimizer_temporaries": "AdamW step temporaries", "autocast_weights": "bf16 weight copies (autocast)",
+    "rollout_weights": "bf16 copy of the policy (rollouts)", "gathered_model": "whole weights for rollouts (FSDP)",
+    "gathered_layers": "gathered root + layers (FSDP)", "kv_cache": "KV cache of one generate call",
+    "sampling": "sampler logits + prefill", "forward_working": "forward without grad",
+    "activations": "activations of a micro-batch", "lm_head_chunk": "LM-head chunk (--logit-chunk)",
+}  # fmt: skip
+
+
+def head_dim(c) -> int:
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
 def layer_parameters(c) -> int:
@@ -1588,54 +1423,31 @@ def parameter_count(c) -> int:
     return c.num_hidden_layers * layer_parameters(c) + embeddings + c.hidden_size
 
 
-def head_dim(c) -> int:
-    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-
-
 def kv_bytes_per_token(c, bf16: bool) -> int:
     """KV-cache bytes per token of a sequence: K and V of every layer."""
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim(c) * (2 if bf16 else 4)
 
 
 def activation_bytes_per_token(c) -> int:
-    """Bytes autograd keeps per token per decoder layer: fp32 weights under bf16 autocast, no
-    checkpointing. Measured on CPU at the real widths of Qwen3-1.7B and 8B with saved-tensor hooks
-    (test_plan_matches_saved_tensors_at_real_width), term by term:
-      26 D: the fp32 layer input, normed input and mid-layer sum of both RMSNorms (4 x 4 D), and
-            autocast's bf16 casts of the normed input, once per q/k/v and gate/up projection (5 x 2 D);
-      8 M:  the MLP's gate, SiLU, up and product outputs, bf16;
-      10 H d + 10 K d: q/k norms (fp32 input, bf16 output), SDPA's q, k, v and output (bf16);
-      8 H + 4 K + 8: RMSNorm reciprocals and SDPA's fp32 logsumexp.
-    On CUDA, flash and cuDNN attention save the same tensors and the fp32 autocast ops of CUDA act on
-    tensors that are fp32 here already, so the figure holds; a fallback to the math SDPA kernel
-    (GPUs older than sm80) would keep the (T, T) attention matrix: far more. The CUDA allocator adds
-    a few to 20 %, which HEADROOM covers.
-    """
+    """Bytes autograd keeps per token per decoder layer (fp32 weights, bf16 autocast, no checkpointing),
+    measured with saved-tensor hooks at the real widths of Qwen3-1.7B and 8B (test_plan_matches_saved_tensors_
+    at_real_width): 26 D, the fp32 input, normed input and mid-layer sum of both RMSNorms and autocast's bf16
+    casts of the normed input per projection; 8 M, the MLP's gate, SiLU, up and product (bf16); 10 H d + 10 K d,
+    q/k norms and SDPA's q, k, v and output; 8 H + 4 K + 8, RMSNorm reciprocals and SDPA's logsumexp. Flash and
+    cuDNN attention save the same on CUDA; the math kernel (GPUs before sm80) would keep (T, T) scores."""
     D, M, H, K, d = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, head_dim(c)
     return 26 * D + 8 * M + 10 * H * d + 10 * K * d + 8 * H + 4 * K + 8
-
-
-PHASES = {  # the parts alive at the peak of each phase of a step
-    "generation": ("weights", "adamw", "rollout_weights", "gathered_model", "kv_cache", "sampling"),
-    "scoring": ("weights", "adamw", "autocast_weights", "gathered_layers", "forward_working", "lm_head_chunk"),
-    "update": ("weights", "gradients", "adamw", "autocast_weights", "gathered_layers", "activations", "lm_head_chunk"),
-    "optimizer step": ("weights", "gradients", "adamw", "optimizer_temporaries"),
-}
 
 
 def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: float | None = None,
                 device_type: str = "cuda") -> dict:  # fmt: skip
     """Bytes of each part and the peak of each phase (PHASES) on one rank, as a flat dict of numbers.
-
-    Resolves the automatic settings against the device's memory (default: --gpu-memory-gb, else
-    80 GB): gradient checkpointing (on when the update would not fit without it) and the KV-cache
-    budget (what generation leaves free, in as few generate calls as fit).
-    """
+    Resolves the automatic settings against the device's memory (default: --gpu-memory-gb, else 80 GB):
+    gradient checkpointing (on when the update would not fit without it) and the KV-cache budget (what
+    generation leaves free, in as few generate calls as fit)."""
     c, W = model_config, world_size
     if getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None):
-        raise SystemExit(
-            f"{cfg.model}: a mixture of experts ({c.model_type}); the memory plan covers dense decoders only"
-        )
+        raise SystemExit(f"{cfg.model}: a mixture of experts ({c.model_type}); the memory plan covers dense decoders")
     device_bytes = device_bytes or (cfg.gpu_memory_gb or 80) * 1e9
     D, M, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
     n = parameter_count(c)
@@ -1666,11 +1478,9 @@ def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: fl
     )
     plan["gradient_checkpointing"] = int(checkpointing)
     plan["activations"] = plan["activations_checkpointed" if checkpointing else "activations_full"]
-
-    # Generation: per sequence of a generate call, its KV cache, the sampler's fp32 logits,
-    # probabilities and top-p sort, and the prefill's transients. Gradients are freed by then.
-    kv_per_seq = seq * kv_bytes_per_token(c, bf16)
-    sampling_per_seq = 20 * V + cfg.max_prompt_tokens * (6 * M + 14 * D)
+    # Generation: per sequence of a generate call, its KV cache, the sampler's fp32 logits, probabilities
+    # and top-p sort, and the prefill's transients. Gradients are freed by then.
+    kv_per_seq, sampling_per_seq = seq * kv_bytes_per_token(c, bf16), 20 * V + cfg.max_prompt_tokens * (6 * M + 14 * D)
     resident = plan["weights"] + plan["adamw"] + plan["rollout_weights"] + plan["gathered_model"]
     rollouts = cfg.prompts_per_step * cfg.group_size // W
     if cfg.kv_cache_gb > 0:  # given: it wins
@@ -1687,45 +1497,70 @@ def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: fl
     return plan
 
 
-PART_LABELS = {
-    "weights": "fp32 weights", "gradients": "fp32 gradients", "adamw": "AdamW states (2 x fp32)",
-    "optimizer_temporaries": "AdamW step temporaries", "autocast_weights": "bf16 weight copies (autocast)",
-    "rollout_weights": "bf16 copy of the policy (rollouts)",
-    "gathered_model": "whole weights for rollouts (FSDP)", "gathered_layers": "gathered root + layers (FSDP)",
-    "kv_cache": "KV cache of one generate call", "sampling": "sampler logits + prefill",
-    "forward_working": "forward without grad", "activations": "activations of a micro-batch",
-    "lm_head_chunk": "LM-head chunk (--logit-chunk)",
-}  # fmt: skip
+def device_memory(cfg: Config, device: torch.device) -> float:
+    """Bytes the run may plan for: --gpu-memory-gb, else what is free on the GPU (the CUDA context, other
+    processes and NCCL's buffers are not) plus what this process's allocator already holds, else the RAM."""
+    if cfg.gpu_memory_gb > 0:
+        return cfg.gpu_memory_gb * 1e9
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def format_plan(plan: dict, model_config, cfg: Config) -> str:
-    """The plan as a table: one row per part, one column per phase, in GB."""
-    c, gb = model_config, 1e9
-    head = f"{'part (GB)':<34}" + "".join(f"{phase:>16}" for phase in PHASES)
-    lines = [
-        f"memory plan: {cfg.model} ({plan['parameters'] / 1e9:.2f} B parameters, {c.num_hidden_layers} layers, "
-        f"hidden {c.hidden_size}), {plan['world_size']} GPU(s) of {plan['device_bytes'] / gb:.0f} GB each, "
-        f"planned to {HEADROOM:.0%} = {plan['budget'] / gb:.1f} GB",
-        head, "-" * len(head),
-    ]  # fmt: skip
-    for key, label in ((k, v) for k, v in PART_LABELS.items() if plan[k]):  # parts this setting has
-        cells = [f"{plan[key] / gb:16.1f}" if key in parts else f"{'-':>16}" for parts in PHASES.values()]
-        lines.append(f"{label:<34}" + "".join(cells))
-    lines.append(f"{'peak':<34}" + "".join(f"{plan['peak_' + p.replace(' ', '_')] / gb:16.1f}" for p in PHASES))
-    lines.append(plan_summary(plan))
-    return "\n".join(lines)
+def sequences_per_generate(model, prompt_len: int, cfg: Config, kv_cache_bytes: float | None = None) -> int:
+    """How many sequences one generate call may hold: their KV cache fits kv_cache_bytes, else --kv-cache-gb,
+    else what the memory plan leaves free on this device."""
+    device = next(model.parameters()).device
+    if not kv_cache_bytes:
+        plan = plan_memory(model.config, cfg, rank_and_world()[1], device_memory(cfg, device), device.type)
+        kv_cache_bytes = cfg.kv_cache_gb * 1e9 or plan["kv_cache"]
+    per_token = kv_bytes_per_token(model.config, uses_bf16(cfg, device))
+    return max(1, int(kv_cache_bytes // (per_token * (prompt_len + cfg.max_new_tokens))))
 
 
 def plan_summary(plan: dict) -> str:
     """The plan in one line, printed at the start of every run."""
-    fits = "fits" if plan["peak"] <= plan["budget"] else "DOES NOT FIT"
     return (
-        f"plan: peak {plan['peak'] / 1e9:.1f} GB of {plan['budget'] / 1e9:.1f} GB ({fits}) | "
-        f"gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'} | "
-        f"micro-batch {plan['micro_batch_tokens_planned']:,} tokens, activations {plan['activations'] / 1e9:.1f} GB | "
-        f"{plan['generate_calls']} generate call(s) per step of {plan['sequences_per_generate']} sequences, "
-        f"KV cache {plan['kv_cache'] / 1e9:.1f} GB"
+        f"plan: peak {plan['peak'] / 1e9:.1f} GB of {plan['budget'] / 1e9:.1f} GB "
+        f"({'fits' if plan['peak'] <= plan['budget'] else 'DOES NOT FIT'}) | gradient checkpointing "
+        f"{'on' if plan['gradient_checkpointing'] else 'off'} | micro-batch {plan['micro_batch_tokens_planned']:,} "
+        f"tokens, activations {plan['activations'] / 1e9:.1f} GB | {plan['generate_calls']} generate call(s) per "
+        f"step of {plan['sequences_per_generate']} sequences, KV cache {plan['kv_cache'] / 1e9:.1f} GB"
     )
+
+
+def plan_or_stop(model_config, cfg: Config, device: torch.device, world_size: int = 1) -> dict:
+    """The memory plan in one line; stop now, before anything loads, if its peak exceeds the device."""
+    device_bytes = device_memory(cfg, device)
+    plan = plan_memory(model_config, cfg, world_size, device_bytes, device.type)
+    allocator = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    where = f" | {device_bytes / 1e9:.1f} GB free on {device}, allocator {allocator}" if device.type == "cuda" else ""
+    print(plan_summary(plan) + where)
+    if plan["peak"] > plan["budget"]:
+        sys.exit(f"the planned peak, {plan['peak'] / 1e9:.1f} GB, exceeds {plan['budget'] / 1e9:.1f} GB "
+                 f"({HEADROOM:.0%} of {device_bytes / 1e9:.1f} GB on {device}); "
+                 f"{fixes_that_fit(model_config, cfg, world_size, device_bytes, device.type)}; add --dry-run to see "
+                 "the whole plan")  # fmt: skip
+    return plan
+
+
+def dry_run(cfg: Config):
+    """The memory plan of --model from its config.json alone, as a table: no weights, no GPU needed."""
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    device_bytes = device_memory(cfg, device) if device else (cfg.gpu_memory_gb or 80) * 1e9
+    c = load_model_config(cfg.model)
+    plan = plan_memory(c, cfg, cfg.gpus, device_bytes)
+    head = f"{'part (GB)':<34}" + "".join(f"{phase:>16}" for phase in PHASES)
+    print(f"memory plan: {cfg.model} ({plan['parameters'] / 1e9:.2f} B parameters, {c.num_hidden_layers} layers, "
+          f"hidden {c.hidden_size}), {cfg.gpus} GPU(s) of {device_bytes / 1e9:.0f} GB each, planned to "
+          f"{HEADROOM:.0%} = {plan['budget'] / 1e9:.1f} GB\n{head}\n{'-' * len(head)}")  # fmt: skip
+    for key, label in ((k, v) for k, v in PART_LABELS.items() if plan[k]):  # the parts this setting has
+        print(f"{label:<34}" + "".join(f"{plan[key] / 1e9:16.1f}" if key in parts else f"{'-':>16}"
+                                       for parts in PHASES.values()))  # fmt: skip
+    print(f"{'peak':<34}" + "".join(f"{plan['peak_' + p.replace(' ', '_')] / 1e9:16.1f}" for p in PHASES))
+    print(plan_summary(plan))
+    if plan["peak"] > plan["budget"]:
+        print(f"does not fit; {fixes_that_fit(c, cfg, cfg.gpus, device_bytes, 'cuda')}")
 
 
 def fixes_that_fit(model_config, cfg: Config, world_size: int, device_bytes: float, device_type: str) -> str:
@@ -1733,59 +1568,55 @@ def fixes_that_fit(model_config, cfg: Config, world_size: int, device_bytes: flo
     kinds of change (checkpointing, a smaller micro-batch, an automatic KV budget, shorter answers), each
     combination with its peak; or why nothing does."""
     seq = cfg.max_prompt_tokens + cfg.max_new_tokens
-    kinds = [  # each kind's options, mildest first
+    kinds = [k for k in (  # each kind's options, mildest first
         [{"gradient_checkpointing": "on"}] if cfg.gradient_checkpointing != "on" else [],
         [{"micro_batch_tokens": n * seq} for n in range(cfg.micro_batch_tokens // seq - 1, 0, -1)],
         [{"kv_cache_gb": 0}] if cfg.kv_cache_gb > 0 else [],
         [{"max_new_tokens": cfg.max_new_tokens // 2**k} for k in (1, 2, 3)],
-    ]
-    kinds = [k for k in kinds if k]
-    more_gpus = [n for n in (2, 4, 8, 16, 32, 64) if n > world_size] if device_type == "cuda" else []
+    ) if k]  # fmt: skip
+    gpu_counts = [world_size] + ([n for n in (2, 4, 8, 16, 32, 64) if n > world_size] if device_type == "cuda" else [])
 
-    def describe(change: dict, gpus: int, plan: dict) -> str:
+    def tried(change: dict, gpus: int) -> tuple[bool, str]:  # (fits, the change described with its peak)
+        plan = plan_memory(model_config, dataclasses.replace(cfg, **change), gpus, device_bytes, device_type)
         flags = [f"--{k.replace('_', '-')} {v}" for k, v in change.items()] + [f"{gpus} GPUs"] * (gpus > world_size)
-        slow = plan["generate_calls"] >= 8  # each call decodes to its longest answer: many small calls are slow
-        note = f", {plan['generate_calls']} generate calls of {plan['sequences_per_generate']}: slow" if slow else ""
-        return f"{' + '.join(flags)} (peak {plan['peak'] / 1e9:.1f} GB{' each' if gpus > 1 else ''}{note})"
+        calls = plan["generate_calls"]  # many small generate calls decode slowly
+        slow = f", {calls} generate calls of {plan['sequences_per_generate']}: slow" if calls >= 8 else ""
+        text = f"{' + '.join(flags)} (peak {plan['peak'] / 1e9:.1f} GB{' each' if gpus > 1 else ''}{slow})"
+        return plan["peak"] <= plan["budget"], text
 
-    for gpus in [world_size, *more_gpus]:
+    for gpus in gpu_counts:
         for size in range(len(kinds) + 1):
             found = []
             for combination in itertools.combinations(kinds, size):
                 for options in itertools.product(*combination):
-                    change = {k: v for option in options for k, v in option.items()}
-                    plan = plan_memory(
-                        model_config, dataclasses.replace(cfg, **change), gpus, device_bytes, device_type
-                    )
-                    if plan["peak"] <= plan["budget"] and (change or gpus > world_size):
-                        found.append(describe(change, gpus, plan))
+                    fits, text = tried({k: v for o in options for k, v in o.items()}, gpus)
+                    if fits and (options or gpus > world_size):
+                        found.append(text)
                         break
             if found:
                 return "these fit: " + "; ".join(found)
-    change = {k: v for options in kinds for k, v in options[-1].items()}  # every change at its most
-    gpus = max([world_size, *more_gpus])
-    plan = plan_memory(model_config, dataclasses.replace(cfg, **change), gpus, device_bytes, device_type)
+    plan = plan_memory(model_config, dataclasses.replace(cfg, **{k: v for o in kinds for k, v in o[-1].items()}),
+                       gpu_counts[-1], device_bytes, device_type)  # every change at its most  # fmt: skip
     peak, phase = max((plan[f"peak_{p.replace(' ', '_')}"], p) for p in PHASES)
-    parts = sorted(PHASES[phase], key=lambda k: -plan[k])[:3]
-    biggest = ", ".join(f"{PART_LABELS[k]} {plan[k] / 1e9:.1f} GB" for k in parts)
-    return (f"nothing fits: even with {describe(change, gpus, plan).split(' (')[0] or 'every change'}, the {phase} "
-            f"peak is {peak / 1e9:.1f} GB, mostly {biggest}")  # fmt: skip
+    biggest = ", ".join(
+        f"{PART_LABELS[k]} {plan[k] / 1e9:.1f} GB" for k in sorted(PHASES[phase], key=lambda k: -plan[k])[:3]
+    )
+    every = tried({k: v for o in kinds for k, v in o[-1].items()}, gpu_counts[-1])[1].split(" (")[0] or "every change"
+    return f"nothing fits: even with {every}, the {phase} peak is {peak / 1e9:.1f} GB, mostly {biggest}"
 
 
 # ----------------------------------------------------------------------------------------------
 # F. Several GPUs: torchrun + FSDP2. Each rank holds whole groups of every mini-batch. What the paper
-# takes over a mini-batch (the candidates' entropies behind tau_h, the kept-token count, the
-# 20-Entropy threshold, GRPO's answer count) and what is logged is taken over every rank, and the
-# gradients are summed, so the update does not depend on the number of processes. In one process
-# every function here is the identity.
+# takes over a mini-batch (the candidates' entropies behind tau_h, the kept-token count, the 20-Entropy
+# threshold, GRPO's answer count) and what is logged is taken over every rank, and gradients are summed,
+# so the update does not depend on the number of processes. In one process every function is the identity.
 
 
 def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def comm_device() -> torch.device:
-    """NCCL moves CUDA tensors, gloo CPU ones."""
+def comm_device() -> torch.device:  # NCCL moves CUDA tensors, gloo CPU ones
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
@@ -1806,9 +1637,8 @@ def all_cat(t: torch.Tensor) -> torch.Tensor:
     world, device = dist.get_world_size(), comm_device()
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([t.numel()], device=device))
-    longest = int(max(sizes))
-    parts = [torch.empty(longest, dtype=t.dtype, device=device) for _ in range(world)]
-    dist.all_gather(parts, F.pad(t.to(device), (0, longest - t.numel())))  # all_gather wants equal sizes
+    parts = [torch.empty(int(max(sizes)), dtype=t.dtype, device=device) for _ in range(world)]
+    dist.all_gather(parts, F.pad(t.to(device), (0, int(max(sizes)) - t.numel())))  # all_gather wants equal sizes
     return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)]).to(t.device)
 
 
@@ -1822,13 +1652,11 @@ def all_records(records: list) -> list:
 
 
 def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    return dist.barrier() if dist.is_initialized() else None
 
 
 def my_share(items: list, mini_batches: int) -> list:
-    """This rank's prompts of a step: its slice of every mini-batch, so that mini-batch k holds the
-    same prompts as in one process."""
+    """This rank's items of a step: its slice of every mini-batch, so mini-batch k holds the same as in one process."""
     rank, world = rank_and_world()
     size = len(items) // mini_batches // world
     return [x for k in range(mini_batches) for x in items[(k * world + rank) * size : (k * world + rank + 1) * size]]
@@ -1856,9 +1684,8 @@ def shard_model(model, bf16: bool):
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=precision or MixedPrecisionPolicy())
-    fully_shard(model, mp_policy=precision or MixedPrecisionPolicy())
+    for module in [*model.model.layers, model]:
+        fully_shard(module, mp_policy=precision or MixedPrecisionPolicy())
     for group in (m for m in model.modules() if isinstance(m, FSDPModule)):
         group.set_gradient_divide_factor(1.0)
         group.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
@@ -1891,9 +1718,9 @@ def load_sharded_model(name: str, device: torch.device, tokenizer, seed: int = 0
 
 @contextmanager
 def unsharded(model):
-    """Whole weights on every rank for the rollouts: generate then runs no collective per token, so a
-    rank whose answers end early never waits inside a forward for the others. (The alternative,
-    generate(synced_gpus=True), gathers every layer for every token: 3x slower on CPU here.)"""
+    """Whole weights on every rank for the rollouts: generate then runs no collective per token, so a rank
+    whose answers end early never waits inside a forward for the others (generate(synced_gpus=True) would
+    gather every layer for every token: 3x slower on CPU here)."""
     from torch.distributed.fsdp import FSDPModule
 
     groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -1913,8 +1740,8 @@ def unsharded(model):
 
 
 def sharded_state(model, optimizer, folder: Path) -> dict | None:
-    """Under FSDP2 (every rank calls it): the whole weights, on rank 0, for save_pretrained, and each
-    rank's optimizer shard written to folder/optimizer with torch.distributed.checkpoint."""
+    """Under FSDP2 (every rank calls it): the whole weights on rank 0 for save_pretrained, and each rank's
+    optimizer shard written to folder/optimizer with torch.distributed.checkpoint."""
     if not dist.is_initialized():
         return None
     import torch.distributed.checkpoint as dcp
@@ -1934,48 +1761,6 @@ def load_sharded_optimizer(model, optimizer, folder: Path):
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=folder / "optimizer")
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-
-
-# ----------------------------------------------------------------------------------------------
-# G. Trackers: --report-to wandb|trackio|tensorboard (curves of finished runs: plot.py).
-
-
-def numbers(metrics: dict) -> dict:
-    """What a tracker plots: the numeric metrics (tau_h is None at steps without candidates); step goes apart."""
-    return {k: v for k, v in metrics.items() if k != "step" and isinstance(v, int | float)}
-
-
-class Tracker(NamedTuple):
-    log: Callable[[dict, int], None]  # (metrics, step)
-    finish: Callable[[], None]
-
-
-def open_tracker(cfg: Config, config_dict: dict) -> Tracker:
-    """--report-to: wandb and trackio share one API; tensorboard writes to output_dir/tensorboard; none: nothing."""
-    kind = cfg.report_to
-    if kind == "none":
-        return Tracker(lambda metrics, step: None, lambda: None)
-    try:  # imported only when chosen: every tracker is optional
-        if kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter  # raises ImportError without the tensorboard package
-        else:
-            lib = importlib.import_module(kind)
-    except ImportError:
-        raise SystemExit(f"--report-to {kind} needs the {kind} package: pip install {kind}") from None
-    out = Path(cfg.output_dir)
-    if kind == "tensorboard":
-        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
-        print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'}")
-        writer.add_text("config", json.dumps(config_dict, indent=2))
-
-        def log(metrics: dict, step: int):
-            for key, value in numbers(metrics).items():
-                writer.add_scalar(key, value, step)
-
-        return Tracker(log, writer.close)
-    where = {"dir": str(out)} if kind == "wandb" else {}  # trackio keeps its runs in its own local database
-    lib.init(project="stapo", name=out.resolve().name, config=config_dict, **where)
-    return Tracker(lambda metrics, step: lib.log(numbers(metrics), step=step), lib.finish)
 
 
 if __name__ == "__main__":
