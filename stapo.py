@@ -1144,7 +1144,7 @@ def parse_args(argv=None) -> Config:
     parser = HfArgumentParser(Config, description=__doc__.split("\n")[0], epilog="curves: python plot.py RUN_DIR ...")
     parser.error = lambda message: parser.exit(2, f"stapo.py: error: {message}\n")  # one line; --help has usage
     argv = sys.argv[1:] if argv is None else argv
-    args, flags = vars(parser.parse_args(argv)), {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv}
+    args, flags = vars(parser.parse_args(argv)), {a.split("=")[0][2:].replace("-", "_") for a in argv if a[:2] == "--"}
     given = {k: v for k, v in args.items() if k in flags}
     base = saved_config(Path(given["resume"]), given, parser.error) if given.get("resume") else {}
     tiny = TINY_DEFAULTS if given.get("model", base.get("model")) in TINY else {}  # CPU-sized unless given
