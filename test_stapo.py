@@ -1534,6 +1534,34 @@ def test_torchrun_loads_weights_on_rank_0_only_into_the_shards(tmp_path):
     assert out["eos"][0] == out["eos"][1] == model.generation_config.eos_token_id
 
 
+def bf16_rollouts_worker(rank: int, port: int, out_file: str):
+    """One of two gloo ranks: FSDP2 with bf16 gathers, then rollouts; records the weights and the cache's dtypes."""
+    import torch.distributed as dist
+    from transformers.cache_utils import DynamicLayer
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    tok = stapo.load_tokenizer("tiny")
+    model = stapo.load_sharded_model("tiny", CPU, tok, bf16=True)
+    with stapo.unsharded(model):
+        gathered = next(model.parameters()).dtype
+    seen, update = [], DynamicLayer.update
+    DynamicLayer.update = lambda self, k, v, *a, **kw: seen.append((k.dtype, v.dtype)) or update(self, k, v, *a, **kw)
+    stapo.generate(model, tok, [stapo.encode_prompt("1+1?", tok)] * 2, tiny_cfg(precision="bf16-autocast"), "x", 1e9)
+    records = stapo.all_records([(gathered, sorted(set(seen), key=str))])
+    if rank == 0:
+        torch.save(records, out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_torchrun_bf16_rollouts_sample_from_the_gathered_bf16_weights(tmp_path):
+    """Under FSDP2 the gathered weights are bf16 already: no copy, and the cache holds bf16 keys and values."""
+    run_two_ranks(bf16_rollouts_worker, (free_port(), str(tmp_path / "out.pt")))
+    assert torch.load(tmp_path / "out.pt") == [(torch.bfloat16, [(torch.bfloat16, torch.bfloat16)])] * 2
+
+
 def test_the_process_group_waits_as_long_as_dist_timeout_min(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda *args, **kwargs: calls.append((args, kwargs)))
