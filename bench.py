@@ -227,7 +227,7 @@ def self_check(argv: list[str]) -> int:
     cuda = own.device != "cpu" and torch.cuda.is_available()
     cfg = stapo.parse_args([*(GPU_CHECK if cuda else CPU_CHECK), "--device", own.device, *rest])  # flags win
     device = stapo.resolve_device(cfg)
-    plan = stapo.plan_or_stop(stapo.load_model_config(cfg.model), cfg, device)  # exits when it does not fit
+    plan, cfg = stapo.plan_or_stop(stapo.load_model_config(cfg.model), cfg, device)  # exits when it does not fit
     start = time.perf_counter()
     model, tok = stapo.load_policy(cfg.model, device, cfg.seed) if own.weights else random_policy(cfg, device)
     if plan["gradient_checkpointing"]:

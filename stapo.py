@@ -456,7 +456,7 @@ def build_optimizer(model, cfg: Config):
 def train(cfg: Config):
     device = start_distributed(cfg)  # under torchrun; otherwise just the device
     rank, world = rank_and_world()
-    plan = plan_or_stop(load_model_config(cfg.resume or cfg.model), cfg, device, world)
+    plan, cfg = plan_or_stop(load_model_config(cfg.resume or cfg.model), cfg, device, world)
     same_run = check_run_folder(cfg)  # before anything slow, and before anything is written
     torch.manual_seed(cfg.seed + rank)  # every rank samples its own answers
     random.seed(cfg.seed + rank)
@@ -1529,8 +1529,9 @@ def plan_summary(plan: dict) -> str:
     )
 
 
-def plan_or_stop(model_config, cfg: Config, device: torch.device, world_size: int = 1) -> dict:
-    """The memory plan in one line; stop now, before anything loads, if its peak exceeds the device."""
+def plan_or_stop(model_config, cfg: Config, device: torch.device, world_size: int = 1) -> tuple[dict, Config]:
+    """The memory plan in one line; stop now, before anything loads, if its peak exceeds the device. Returns the
+    plan and cfg with its KV budget fixed now: once the weights are loaded, less memory is free."""
     device_bytes = device_memory(cfg, device)
     plan = plan_memory(model_config, cfg, world_size, device_bytes, device.type)
     allocator = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
@@ -1541,7 +1542,7 @@ def plan_or_stop(model_config, cfg: Config, device: torch.device, world_size: in
                  f"({HEADROOM:.0%} of {device_bytes / 1e9:.1f} GB on {device}); "
                  f"{fixes_that_fit(model_config, cfg, world_size, device_bytes, device.type)}; add --dry-run to see "
                  "the whole plan")  # fmt: skip
-    return plan
+    return plan, dataclasses.replace(cfg, kv_cache_gb=cfg.kv_cache_gb or plan["kv_cache"] / 1e9)
 
 
 def dry_run(cfg: Config):

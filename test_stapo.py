@@ -1101,6 +1101,8 @@ def test_cli_smoke_run_from_the_readme(tmp_path):
     # quiet: the config is a file, one line says where; no progress bar of a one-shard save
     assert f"config: {tmp_path / 'stapo_config.json'}" in result.stdout and "{" not in result.stdout
     assert "shards" not in result.stdout + result.stderr and len(result.stdout.splitlines()) <= 8
+    # the KV budget is fixed before loading (afterwards the weights hold memory) and recorded for an exact resume
+    assert json.loads((tmp_path / "stapo_config.json").read_text())["kv_cache_gb"] > 0
 
 
 @pytest.mark.slow  # a subprocess: imports torch and transformers again
