@@ -281,8 +281,8 @@ def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg
     examples = pick_problems(problems, step, cfg)  # this step's problems (under torchrun, this rank's share)
     prompts = [e["prompt_ids"] for e in examples for _ in range(G)]  # B prompts
     rollouts = generate(model, tokenizer, prompts, cfg, f"step {step + 1} rollouts")
-    texts = [tokenizer.decode(c[m], skip_special_tokens=True) for c, m in zip(rollouts.completions,
-             rollouts.completion_mask, strict=True)]  # fmt: skip
+    B, completions = len(prompts), zip(rollouts.completions, rollouts.completion_mask, strict=True)
+    texts = [tokenizer.decode(c[m], skip_special_tokens=True) for c, m in completions]
     # 2. rewards, 3. advantages
     golds = [e["answer"] for e in examples for _ in range(G)]
     rewards = torch.tensor([float(verify(t, g)) for t, g in zip(texts, golds, strict=True)])  # (B,)
@@ -291,14 +291,14 @@ def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg
 
     # 4. p and H under the rollout policy, then the S2T mask and 5. the clipped updates
     t0 = time.time()
-    old_logp, entropy = score(model, rollouts, list(range(len(prompts))), cfg)  # (B, T) each
+    old_logp, entropy = score(model, rollouts, list(range(B)), cfg)  # (B, T) each
     logp_s = time.time() - t0
     stats, silenced = ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg)
     train_s = time.time() - t0
 
     # Metrics of the whole batch: sums over every rank (all_sum is the identity in one process).
     n, reward, tokens, H, truncated, zero_std, spurious, clipped, kept = all_sum([
-        len(prompts), rewards.sum(), rollouts.completion_mask.sum(), entropy[rollouts.completion_mask].sum(),
+        B, rewards.sum(), rollouts.completion_mask.sum(), entropy[rollouts.completion_mask].sum(),
         rollouts.truncated.sum(), (rewards.view(-1, G).std(1) == 0).sum(), len(silenced), stats["clipped"],
         stats["n_kept_tokens"],
     ])  # fmt: skip
@@ -312,22 +312,14 @@ def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg
         "grad_norm": sum(stats["grad_norm"]) / len(stats["grad_norm"]),
         "lr": optimizer.param_groups[0]["lr"], "gen_s": gen_s, "logp_s": logp_s, "train_s": train_s,
     }  # fmt: skip
-    samples = [
-        {
-            "step": step + 1,
-            "problem": examples[i // G]["problem"],
-            "gold": golds[i],
-            "reward": rewards[i].item(),
-            "completion": texts[i],
-        }
-        for i in range(min(cfg.log_samples, len(texts)))
-    ]
-    spurious = []
+    samples = [{"step": step + 1, "problem": examples[i // G]["problem"], "gold": golds[i], "reward": rewards[i].item(),
+                "completion": texts[i]} for i in range(min(cfg.log_samples, B))]  # fmt: skip
+    records = []
     for s in silenced:  # each silenced token with 8 tokens of context on each side, decoded
         ids, t = rollouts.completions[s["sample"], rollouts.completion_mask[s["sample"]]].tolist(), s["position"]
         left, token, right = (tokenizer.decode(ids[a:b]) for a, b in ((max(0, t - 8), t), (t, t + 1), (t + 1, t + 9)))
-        spurious.append({"step": step + 1, "token": token, "left": left, "right": right, **s})
-    return metrics, {"samples": samples, "spurious": spurious}
+        records.append({"step": step + 1, "token": token, "left": left, "right": right, **s})
+    return metrics, {"samples": samples, "spurious": records}
 
 
 def ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg: Config):
