@@ -142,14 +142,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     """rewards (B,) -> advantages (B,): z-score inside each group of G samples of one prompt.
     A group whose rewards are all equal carries no signal and gets A = 0."""
     groups = rewards.float().view(-1, group_size)  # (P, G)
-    mean, std = groups.mean(1, keepdim=True), groups.std(1, keepdim=True)  # (P, 1)
+    mean, std = groups.mean(1, keepdim=True), groups.std(1, keepdim=True)  # (P, 1); std unbiased (torch's default)
     return ((groups - mean) / (std + eps)).view(-1)  # (B,); std = 0 gives exactly 0
 
 
 def _chunk_logp_entropy(hidden, weight, targets, temperature: float, with_entropy: bool):
     """hidden (n, D), weight (V, D), targets (n,) -> logp (n,), entropy (n,) or None."""
     logits = F.linear(hidden, weight).float()  # (n, V) fp32
-    logprobs = logits.div_(temperature).log_softmax(-1)  # (n, V): the sampler's distribution (in place: no copy)
+    logprobs = logits.div_(temperature).log_softmax(-1)  # (n, V): the sampler's, before top-p (in place: no copy)
     logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
     if not with_entropy:
         return logp, None
@@ -297,10 +297,10 @@ def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg
     train_s = time.time() - t0
 
     # Metrics of the whole batch: sums over every rank (all_sum is the identity in one process).
-    n, reward, tokens, H, truncated, zero_std, spurious, clipped, kept = all_sum([
+    n, reward, tokens, H, truncated, zero_std, spurious, clipped, kept, loss = all_sum([
         B, rewards.sum(), rollouts.completion_mask.sum(), entropy[rollouts.completion_mask].sum(),
         rollouts.truncated.sum(), (rewards.view(-1, G).std(1) == 0).sum(), len(silenced), stats["clipped"],
-        stats["n_kept_tokens"],
+        stats["n_kept_tokens"], stats["loss"],  # each rank's loss is its share of the global sum
     ])  # fmt: skip
     metrics = {
         "step": step + 1, "steps": cfg.steps, "samples": int(n), "reward": reward / n,
@@ -308,7 +308,7 @@ def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg
         "entropy": H / max(1, tokens), "n_candidates": stats["n_candidates"], "n_spurious": int(spurious),
         "spurious_frac": spurious / max(1, tokens),
         "tau_h": sum(stats["tau_h"]) / len(stats["tau_h"]) if stats["tau_h"] else None,
-        "clip_frac": clipped / max(1, kept), "loss": stats["loss"],
+        "clip_frac": clipped / max(1, kept), "loss": loss,
         "grad_norm": sum(stats["grad_norm"]) / len(stats["grad_norm"]),
         "lr": optimizer.param_groups[0]["lr"], "gen_s": gen_s, "logp_s": logp_s, "train_s": train_s,
     }  # fmt: skip
@@ -1170,8 +1170,9 @@ def saved_config(ckpt: Path, given: dict, error) -> dict:
                                       "writes them)" if ckpt.is_dir() else "no such folder"))  # fmt: skip
     try:
         base = json.loads((ckpt / "stapo_config.json").read_text())
-        assert isinstance(base, dict) and "model" in base
-    except (OSError, ValueError, AssertionError):
+        if not (isinstance(base, dict) and "model" in base):
+            raise ValueError
+    except (OSError, ValueError):
         error(f"--resume {ckpt}: its stapo_config.json is missing or damaged; resume from another checkpoint")
     saved, world = base.pop("world_size", 1), int(os.environ.get("WORLD_SIZE", 1))
     if saved != world:
@@ -1693,17 +1694,17 @@ def load_sharded_model(name: str, device: torch.device, tokenizer, seed: int = 0
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    whole = load_model(name, torch.device("cpu"), tokenizer, seed) if dist.get_rank() == 0 else None
+    whole = load_model(name, torch.device("cpu"), tokenizer, seed) if dist.get_rank() == 0 else None  # rank 0 only
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_model_config(name))
     shard_model(model, bf16).to_empty(device=device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, whole.state_dict() if whole else {}, options=options)
+    set_model_state_dict(model, whole.state_dict() if whole is not None else {}, options=options)
     for key, buffer in model.named_buffers():  # not in a state dict: the rotary frequencies
-        if whole:
+        if whole is not None:
             buffer.copy_(whole.get_buffer(key))
         dist.broadcast(buffer, src=0)
-    generation_config = [whole.generation_config if whole else None]  # its EOS ids
+    generation_config = [whole.generation_config if whole is not None else None]  # its EOS ids
     dist.broadcast_object_list(generation_config, src=0)
     model.generation_config = generation_config[0]
     return model
