@@ -1059,9 +1059,8 @@ def load_model(name: str, device: torch.device, tokenizer, seed: int = 0, dtype=
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(tiny_config())
         return (teach_format(model, tokenizer) if name == "tiny-sft" else model).to(device, dtype)
-    return from_hub(lambda: AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True), name).to(
-        device
-    )
+    load = lambda: AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)  # noqa: E731
+    return from_hub(load, name).to(device)
 
 
 def load_policy(name: str, device: torch.device, seed: int = 0, dtype=torch.float32):
@@ -1229,9 +1228,10 @@ def open_run_folder(cfg: Config, same_run: bool) -> Path:
         records = read_jsonl(source) if source.exists() else []
         kept = [r for r in records if r["step"] <= step]
         torn = source.exists() and not source.read_bytes().endswith(b"\n") and source.stat().st_size > 0
-        if same_run and (len(kept) < len(records) or torn):
+        changed = len(kept) < len(records) or torn  # records after the checkpoint, or a line a kill cut short
+        if same_run and changed:
             append_jsonl(out / f"{name[:-6]}.after-step-{step:06d}.jsonl", records[len(kept) :])
-        if not same_run or len(kept) < len(records) or torn:
+        if changed or not same_run:
             replace_file(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     branch = {"branched_from": str(ckpt.resolve())} if ckpt and not same_run else {}
     replace_file(out / "stapo_config.json", json.dumps(dataclasses.asdict(cfg) | branch, indent=2))
@@ -1504,9 +1504,8 @@ def sequences_per_generate(model, prompt_len: int, cfg: Config, kv_cache_bytes: 
     """How many sequences one generate call may hold: their KV cache fits kv_cache_bytes, else --kv-cache-gb,
     else what the memory plan leaves free on this device."""
     device = next(model.parameters()).device
-    if not kv_cache_bytes:
-        plan = plan_memory(model.config, cfg, rank_and_world()[1], device_memory(cfg, device), device.type)
-        kv_cache_bytes = cfg.kv_cache_gb * 1e9 or plan["kv_cache"]
+    kv_cache_bytes = kv_cache_bytes or cfg.kv_cache_gb * 1e9 or plan_memory(
+        model.config, cfg, rank_and_world()[1], device_memory(cfg, device), device.type)["kv_cache"]  # fmt: skip
     per_token = kv_bytes_per_token(model.config, uses_bf16(cfg, device))
     return max(1, int(kv_cache_bytes // (per_token * (prompt_len + cfg.max_new_tokens))))
 
