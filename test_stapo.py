@@ -1402,12 +1402,27 @@ def test_offline_hub_gives_one_line_with_the_local_options(tmp_path):
 DISTRIBUTED_CASES = [("s2t", "token", 2), ("high-entropy", "token", 1), ("none", "sequence", 1)]  # mask, agg, minis
 
 
-def free_port() -> int:
-    import socket
+def join_two_ranks(rank: int, port: int):
+    """A worker's process group, as torchrun makes it: the store is the parent's (run_two_ranks), not rank 0's,
+    so no rank's exit takes the store from under the other."""
+    import torch.distributed as dist
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+
+def leave_two_ranks():
+    """Both ranks leave together, then exit without interpreter finalization: gloo's threads can abort a
+    process there (SIGABRT, 'terminate called without an active exception'), once in a CI run here."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def one_process_update(model, rollouts, advantages, cfg):
@@ -1422,12 +1437,9 @@ def one_process_update(model, rollouts, advantages, cfg):
 def two_rank_worker(rank: int, port: int, case_file: str, out_file: str):
     """One of two gloo ranks: each case's update on this rank's share of the rollouts, then a generate
     in which rank 0 stops after 4 tokens in one call and rank 1 after 48 in four."""
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_two_ranks(rank, port)
     case = torch.load(case_file, weights_only=False)  # written by this test a moment ago
     results = {}
     for mask, loss_agg, mini_batches in DISTRIBUTED_CASES:
@@ -1459,13 +1471,14 @@ def two_rank_worker(rank: int, port: int, case_file: str, out_file: str):
     lengths = stapo.all_records([generated.completions.shape[1]])
     if rank == 0:
         torch.save({"results": results, "lengths": lengths}, out_file)
-    dist.destroy_process_group()
+    leave_two_ranks()
 
 
 def run_two_ranks(worker, args, timeout: float = 180):
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # as torchrun's agent
+    context = mp.start_processes(worker, args=(store.port, *args), nprocs=2, join=False, start_method="spawn")
     deadline = time.time() + timeout
     while not context.join(timeout=1):
         if time.time() > deadline:  # a hang fails the test instead of blocking CI
@@ -1481,7 +1494,7 @@ def test_the_update_does_not_depend_on_the_number_of_processes(tiny, tmp_path):
     rollouts, advantages = rollout_batch(model, tok, cfg)
     torch.save({"weights": model.state_dict(), "cfg": cfg, "rollouts": rollouts, "advantages": advantages},
                tmp_path / "case.pt")  # fmt: skip
-    run_two_ranks(two_rank_worker, (free_port(), str(tmp_path / "case.pt"), str(tmp_path / "out.pt")))
+    run_two_ranks(two_rank_worker, (str(tmp_path / "case.pt"), str(tmp_path / "out.pt")))
     out = torch.load(tmp_path / "out.pt", weights_only=False)
     for mask, loss_agg, mini_batches in DISTRIBUTED_CASES:
         cfg_case = dataclasses.replace(cfg, mask=mask, loss_agg=loss_agg, mini_batches=mini_batches)
@@ -1499,12 +1512,9 @@ def test_the_update_does_not_depend_on_the_number_of_processes(tiny, tmp_path):
 
 def sharded_load_worker(rank: int, port: int, folder: str, out_file: str):
     """One of two gloo ranks loads a model folder sharded; records what each rank read whole."""
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_two_ranks(rank, port)
     reads, load_model = [], stapo.load_model
     stapo.load_model = lambda *args, **kwargs: reads.append(args[0]) or load_model(*args, **kwargs)
     model = stapo.load_sharded_model(folder, CPU, stapo.load_tokenizer(folder))
@@ -1515,7 +1525,7 @@ def sharded_load_worker(rank: int, port: int, folder: str, out_file: str):
     eos = stapo.all_records([model.generation_config.eos_token_id])
     if rank == 0:
         torch.save({"weights": weights, "buffers": buffers, "reads": reads, "local": local, "eos": eos}, out_file)
-    dist.destroy_process_group()
+    leave_two_ranks()
 
 
 @pytest.mark.slow
@@ -1523,7 +1533,7 @@ def test_torchrun_loads_weights_on_rank_0_only_into_the_shards(tmp_path):
     model, tok = stapo.load_policy("tiny", CPU, seed=3)  # not the weights a rank would build by itself
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    run_two_ranks(sharded_load_worker, (free_port(), str(tmp_path / "model"), str(tmp_path / "out.pt")))
+    run_two_ranks(sharded_load_worker, (str(tmp_path / "model"), str(tmp_path / "out.pt")))
     out = torch.load(tmp_path / "out.pt", weights_only=False)
     assert out["reads"] == [[str(tmp_path / "model")], []]  # rank 1 never loads the whole model
     one = model.state_dict()
@@ -1538,12 +1548,9 @@ def test_torchrun_loads_weights_on_rank_0_only_into_the_shards(tmp_path):
 
 def bf16_rollouts_worker(rank: int, port: int, out_file: str):
     """One of two gloo ranks: FSDP2 with bf16 gathers, then rollouts; records the weights and the cache's dtypes."""
-    import torch.distributed as dist
     from transformers.cache_utils import DynamicLayer
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_two_ranks(rank, port)
     tok = stapo.load_tokenizer("tiny")
     model = stapo.load_sharded_model("tiny", CPU, tok, bf16=True)
     with stapo.unsharded(model):
@@ -1554,13 +1561,13 @@ def bf16_rollouts_worker(rank: int, port: int, out_file: str):
     records = stapo.all_records([(gathered, sorted(set(seen), key=str))])
     if rank == 0:
         torch.save(records, out_file)
-    dist.destroy_process_group()
+    leave_two_ranks()
 
 
 @pytest.mark.slow
 def test_torchrun_bf16_rollouts_sample_from_the_gathered_bf16_weights(tmp_path):
     """Under FSDP2 the gathered weights are bf16 already: no copy, and the cache holds bf16 keys and values."""
-    run_two_ranks(bf16_rollouts_worker, (free_port(), str(tmp_path / "out.pt")))
+    run_two_ranks(bf16_rollouts_worker, (str(tmp_path / "out.pt"),))
     assert torch.load(tmp_path / "out.pt") == [(torch.bfloat16, [(torch.bfloat16, torch.bfloat16)])] * 2
 
 
