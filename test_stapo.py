@@ -1404,22 +1404,27 @@ DISTRIBUTED_CASES = [("s2t", "token", 2), ("high-entropy", "token", 1), ("none",
 
 def join_two_ranks(rank: int, port: int):
     """A worker's process group, as torchrun makes it: the store is the parent's (run_two_ranks), not rank 0's,
-    so no rank's exit takes the store from under the other."""
+    so no rank's exit takes the store from under the other. Returns the store, for leave_two_ranks."""
     import torch.distributed as dist
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    store = dist.TCPStore("127.0.0.1", port, world_size=2, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    return store
 
 
-def leave_two_ranks():
-    """Both ranks leave together, then exit without interpreter finalization: gloo's threads can abort a
-    process there (SIGABRT, 'terminate called without an active exception'), once in a CI run here."""
+def leave_two_ranks(store):
+    """Both ranks leave together: no rank exits before both have destroyed the group, and neither runs the
+    interpreter's finalization, where gloo's threads can abort a process (SIGABRT, 'terminate called without
+    an active exception'; once in a CI run here). An exception before this still fails the test."""
     import torch.distributed as dist
 
+    rank = dist.get_rank()
     dist.barrier()
     dist.destroy_process_group()
+    store.set(f"left-{rank}", "1")
+    store.wait(["left-0", "left-1"])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -1439,7 +1444,7 @@ def two_rank_worker(rank: int, port: int, case_file: str, out_file: str):
     in which rank 0 stops after 4 tokens in one call and rank 1 after 48 in four."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    join_two_ranks(rank, port)
+    store = join_two_ranks(rank, port)
     case = torch.load(case_file, weights_only=False)  # written by this test a moment ago
     results = {}
     for mask, loss_agg, mini_batches in DISTRIBUTED_CASES:
@@ -1471,7 +1476,7 @@ def two_rank_worker(rank: int, port: int, case_file: str, out_file: str):
     lengths = stapo.all_records([generated.completions.shape[1]])
     if rank == 0:
         torch.save({"results": results, "lengths": lengths}, out_file)
-    leave_two_ranks()
+    leave_two_ranks(store)
 
 
 def run_two_ranks(worker, args, timeout: float = 180):
@@ -1514,7 +1519,7 @@ def sharded_load_worker(rank: int, port: int, folder: str, out_file: str):
     """One of two gloo ranks loads a model folder sharded; records what each rank read whole."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    join_two_ranks(rank, port)
+    store = join_two_ranks(rank, port)
     reads, load_model = [], stapo.load_model
     stapo.load_model = lambda *args, **kwargs: reads.append(args[0]) or load_model(*args, **kwargs)
     model = stapo.load_sharded_model(folder, CPU, stapo.load_tokenizer(folder))
@@ -1525,7 +1530,7 @@ def sharded_load_worker(rank: int, port: int, folder: str, out_file: str):
     eos = stapo.all_records([model.generation_config.eos_token_id])
     if rank == 0:
         torch.save({"weights": weights, "buffers": buffers, "reads": reads, "local": local, "eos": eos}, out_file)
-    leave_two_ranks()
+    leave_two_ranks(store)
 
 
 @pytest.mark.slow
@@ -1550,7 +1555,7 @@ def bf16_rollouts_worker(rank: int, port: int, out_file: str):
     """One of two gloo ranks: FSDP2 with bf16 gathers, then rollouts; records the weights and the cache's dtypes."""
     from transformers.cache_utils import DynamicLayer
 
-    join_two_ranks(rank, port)
+    store = join_two_ranks(rank, port)
     tok = stapo.load_tokenizer("tiny")
     model = stapo.load_sharded_model("tiny", CPU, tok, bf16=True)
     with stapo.unsharded(model):
@@ -1561,7 +1566,7 @@ def bf16_rollouts_worker(rank: int, port: int, out_file: str):
     records = stapo.all_records([(gathered, sorted(set(seen), key=str))])
     if rank == 0:
         torch.save(records, out_file)
-    leave_two_ranks()
+    leave_two_ranks(store)
 
 
 @pytest.mark.slow
