@@ -937,11 +937,11 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
     width = max(1, max(len(c) for c in completions))
     tokens = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
     completion_mask = torch.zeros((len(completions), width), dtype=torch.bool)  # (B, T)
+    truncated = torch.zeros(len(completions), dtype=torch.bool)  # (B,): no EOS within max_new_tokens
     for row, c in enumerate(completions):
         hits = torch.isin(c, torch.tensor(eos)).nonzero()
         n = int(hits[0]) + 1 if len(hits) else len(c)
-        tokens[row, :n], completion_mask[row, :n] = c[:n], True
-    truncated = torch.tensor([not torch.isin(c, torch.tensor(eos)).any() for c in completions])  # (B,): no EOS
+        tokens[row, :n], completion_mask[row, :n], truncated[row] = c[:n], True, not len(hits)
     return Rollouts(prompts, tokens, completion_mask, truncated)
 
 
