@@ -260,7 +260,7 @@ def memory_plan(args, device: torch.device | None, prompt_tokens: int) -> dict:
     bf16 = args.precision == "bf16" or (args.precision == "auto" and (device is None or device.type == "cuda"))
     device_bytes = stapo.device_memory(stapo.Config(gpu_memory_gb=args.gpu_memory_gb or (0 if device else 80)), device)
     weights, kv_per_seq = (2 if bf16 else 4) * stapo.parameter_count(c), seq * stapo.kv_bytes_per_token(c, bf16)
-    sampling_per_seq = 20 * c.vocab_size + prompt_tokens * (6 * c.intermediate_size + 14 * c.hidden_size)
+    sampling_per_seq = stapo.sampler_bytes_per_sequence(c, prompt_tokens)
     free = args.kv_cache_gb * 1e9 or stapo.HEADROOM * device_bytes - weights
     n = max(1, int(free // (kv_per_seq + (0 if args.kv_cache_gb else sampling_per_seq))))
     return {"bf16": bf16, "weights": weights, "sequences_per_call": n, "tokens_per_sequence": seq,

@@ -1421,6 +1421,12 @@ def kv_bytes_per_token(c, bf16: bool) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim(c) * (2 if bf16 else 4)
 
 
+def sampler_bytes_per_sequence(c, prompt_tokens: int) -> int:
+    """Generation's bytes per sequence besides its KV cache: the sampler's fp32 logits, probabilities and top-p
+    sort, and the prefill's transients of one layer."""
+    return 20 * c.vocab_size + prompt_tokens * (6 * c.intermediate_size + 14 * c.hidden_size)
+
+
 def activation_bytes_per_token(c) -> int:
     """Bytes autograd keeps per token per decoder layer (fp32 weights, bf16 autocast, no checkpointing),
     measured with saved-tensor hooks at the real widths of Qwen3-1.7B and 8B (test_plan_matches_saved_tensors_
@@ -1444,7 +1450,7 @@ def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: fl
     device_bytes = device_bytes or (cfg.gpu_memory_gb or 80) * 1e9
     D, M, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
     n = parameter_count(c)
-    bf16 = cfg.precision == "bf16-autocast" or (cfg.precision == "auto" and device_type == "cuda")
+    bf16 = uses_bf16(cfg, torch.device(device_type))
     seq = cfg.max_prompt_tokens + cfg.max_new_tokens  # a full-length sequence
     tokens = max(1, cfg.micro_batch_tokens // seq) * seq  # a full micro-batch (one sequence at least)
     per_layer = activation_bytes_per_token(c)
@@ -1471,9 +1477,9 @@ def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: fl
     )
     plan["gradient_checkpointing"] = int(checkpointing)
     plan["activations"] = plan["activations_checkpointed" if checkpointing else "activations_full"]
-    # Generation: per sequence of a generate call, its KV cache, the sampler's fp32 logits, probabilities
-    # and top-p sort, and the prefill's transients. Gradients are freed by then.
-    kv_per_seq, sampling_per_seq = seq * kv_bytes_per_token(c, bf16), 20 * V + cfg.max_prompt_tokens * (6 * M + 14 * D)
+    # Generation: per sequence of a generate call, its KV cache and the sampler's memory. Gradients are freed by then.
+    kv_per_seq = seq * kv_bytes_per_token(c, bf16)
+    sampling_per_seq = sampler_bytes_per_sequence(c, cfg.max_prompt_tokens)
     resident = plan["weights"] + plan["adamw"] + plan["rollout_weights"] + plan["gathered_model"]
     rollouts = cfg.prompts_per_step * cfg.group_size // W
     if cfg.kv_cache_gb > 0:  # given: it wins
