@@ -1,43 +1,45 @@
 """Score a model on the six math benchmarks of the STAPO paper (arXiv 2602.15620v4, Sec. 5).
 
-AIME24, AIME25, AMC23 with 32 samples per problem, MATH500, Minerva, OlympiadBench with 4.
-Prompt, generation and the verifier are those of stapo.py: one definition of "correct".
-`--grader math-verify` re-scores the same samples with HF's math-verify (optional package);
-`--grader both` adds its avg@k and the share of samples the two graders agree on.
-Reported per benchmark: avg@k (mean accuracy over the k samples, the paper's number), unbiased
-pass@k for k = 1, 2, 4, ..., the share of answers without \\boxed{}, mean length, truncation rate;
+AIME24, AIME25, AMC23 with 32 samples per problem, MATH500, Minerva, OlympiadBench with 4, read from the
+copies in benchmarks/ (--data-dir hub: the Hub ids). Prompt and generation are those of stapo.py. The
+grade is the paper's rule-based check: `grade`, stapo.verify (the training reward) and, past it, structured
+matching (tuples, intervals, sets, unordered lists, equations, units); `--grader math-verify` re-scores the
+same samples with HF's math-verify (optional package), `--grader both` adds its avg@k and the share of samples
+the two agree on. Reported per benchmark: avg@k (mean accuracy over the k samples, the paper's number),
+unbiased pass@k for k = 1, 2, 4, ..., the share of answers without \\boxed{}, mean length, truncation rate;
 and "Avg", the unweighted mean of the benchmarks' avg@k.
 
-A benchmark's samples form one queue, sorted by prompt length and cut into as few generate calls as
-the memory plan allows (no --batch-size): bf16 weights on a GPU (nothing is trained: no fp32 copy) and
-per sequence its KV cache and sampler memory; `--dry-run` prints the plan line from the model's config.
-Every sample is appended to <output-dir>/generations.jsonl when its call is done; rerunning the
-same command skips finished calls (each call has its own seed, so the final table is the same
-as without the interruption). A rerun with any other setting, the plan's sequences per call
-included, is refused (settings.json).
-`--score FILE` rebuilds the table from a generations file without a model, into
-<FILE stem>.score-<grader>.md/.json beside FILE, so it never overwrites a run's results.md.
+A benchmark's samples form one queue, sorted by prompt length and cut into as few generate calls as the
+memory plan allows (plan.eval_plan): bf16 weights on a GPU and per sequence its KV cache and sampler memory;
+`--dry-run` prints the plan line from the model's config. Every sample is appended to
+<output-dir>/generations.jsonl when its call is done; rerunning the same command skips finished calls (each
+call has its own seed, so the final table is the same as without the interruption). A rerun with any other
+setting, the plan's sequences per call included, is refused (settings.json). `--score FILE` rebuilds the
+table from a generations file without a model, into <FILE stem>.score-<grader>.md/.json beside FILE.
 
-    python eval.py --model runs/stapo/step-000200                # all six, from the Hub
-    python eval.py --model tiny --data-dir ../shared/benchmarks --limit 5
+    python eval.py --model runs/stapo/step-000200                # all six
+    python eval.py --model tiny --limit 5                        # a random model: a smoke test, offline
     python eval.py --model Qwen/Qwen3-14B --dry-run              # does it fit one GPU?
     python eval.py --score evals/stapo-step-000200_t1.0_p1.0/generations.jsonl --grader both
 """
 
 import argparse
+import functools
 import inspect
 import json
 import math
+import re
 import sys
 import time
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import plan
 import stapo
 
 
@@ -57,11 +59,224 @@ BENCHMARKS = {
     "minerva": Benchmark("math-ai/minervamath", "test", "minerva_math.jsonl", 4),
     "olympiadbench": Benchmark("math-ai/olympiadbench", "test", "olympiadbench.jsonl", 4),
 }
+BENCHMARK_DIR = Path(__file__).parent / "benchmarks"  # the six files, shipped with the project (its README.md)
 PRESETS = {"t1.0": (1.0, 1.0), "t0.7": (0.7, 0.9)}  # (temperature, top-p): the paper's two settings
-GRADERS = ("regex", "math-verify", "both")  # regex: stapo.verify, the reward of training
+GRADERS = ("rules", "math-verify", "both")  # rules: grade
 MATH_VERIFY_SECONDS = 5  # per math-verify parse or compare call (its own default); a timeout counts as wrong
 RECORD_FIELDS = {"benchmark": str, "problem_idx": int, "sample_idx": int, "gold": str, "extracted": (str, type(None)),
                  "correct": bool, "length": int, "truncated": bool, "completion": str}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# The rule-based grader: the training reward, then structured matching for what benchmarks answer
+
+# LaTeX commands are read whole: a backslash and all the letters after it, or a backslash and one other
+# character. So \le never matches inside \leq or \left, \left never eats the start of \leftarrow, and no
+# entry of this table depends on the order of the others (a plain str.replace of \ge turns \geq into >=q).
+_COMMANDS = {
+    "left": "", "right": "", "left.": "", "right.": "", "bigl": "", "bigr": "", "Bigl": "", "Bigr": "",
+    "displaystyle": "", "dfrac": "\\frac", "tfrac": "\\frac", "cfrac": "\\frac", "lbrace": "{", "rbrace": "}",
+    "le": "<=", "leq": "<=", "leqq": "<=", "leqslant": "<=", "lt": "<",
+    "ge": ">=", "geq": ">=", "geqq": ">=", "geqslant": ">=", "gt": ">", "ne": "!=", "neq": "!=",
+    "circ": "", "degree": "", "%": "", "$": "", "{": "{", "}": "}",
+    "!": "", ",": "", ";": "", ":": "", " ": " ", "quad": " ", "qquad": " ",
+}  # fmt: skip
+_COMMAND = re.compile(r"\\(left\.|right\.|[a-zA-Z]+|.)", re.S)  # "\\" (a matrix row break) is read as one
+_DEGREES = re.compile(r"\^ *(?:\{ *\\circ *\}|\\circ(?![a-zA-Z]))")
+_SYMBOLS = [("≤", "<="), ("≥", ">="), ("≠", "!="), ("−", "-"), ("°", ""), ("%", ""), ("$", ""), ("~", " ")]
+_TEXT = r"\\(?:text|textnormal|textrm|textup|textsf|textbf|textit|mathrm|mathbf|mathit|mathsf|mbox|operatorname)"
+_UNIT_TEXT = re.compile(rf"(?<=[\d}}])\s*{_TEXT}\{{\s*[a-zA-Z][a-zA-Z ]*\}}(?:\^\{{?\d\}}?)?\s*$")
+_WRAPPER = re.compile(rf"{_TEXT}\{{([^{{}}]*)\}}")
+_UNIT_WORDS = re.compile(r"(?<=[\d}])(?:\s+[a-zA-Z]+(?:\^\d)?)+\s*$")
+_AND = re.compile(r",? ?(?<![a-zA-Z\\])and(?![a-zA-Z]) ?")  # 6 and 8, 6, 8, and 9: list separators
+# A left side that only names the answer: x, a_{n}, \theta, f(x), g(2), (p,q), \angle ABC; then = or \in.
+_SYMBOL = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_(?:\{[^{}]*\}|[a-zA-Z0-9]+)|')*"  # one way to split: no backtracking
+_ARGS = rf"\((?:-?\d+|{_SYMBOL})(?: ?, ?(?:-?\d+|{_SYMBOL}))*\)"
+_NAME = rf"(?:{_SYMBOL}(?: ?{_ARGS})?|\({_SYMBOL}(?: ?, ?{_SYMBOL})+\)|(?:m ?)?\\angle ?[A-Z]+)"
+_RELATION = re.compile(r"=|\\in(?![a-zA-Z])")
+_LEFT_SIDE = re.compile(rf"^{_NAME} ?(?:{_RELATION.pattern}) ?")
+# Thousands separators: 1,234 and 1,234,567 (groups of exactly three digits, no space after the comma, no
+# leading 0). Checked before spaces are removed, so the list "32, 349" never becomes 32349.
+_THOUSANDS = re.compile(r"[+-]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
+_NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)"
+# Work units per answers_match call. A unit (one character parsed, or 1/20 of a comparison) took about 60 ns
+# here, so a call stays under ~7 ms; real answers use a few hundred units.
+MATCH_BUDGET = 100_000
+
+
+def _balanced(s: str) -> bool:
+    depth = 0
+    for char in s:
+        depth += (char == "{") - (char == "}")
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+@functools.lru_cache(maxsize=65536)
+def normalize_answer(answer: str) -> str | None:
+    """Canonical form of an answer (gold or predicted); None if it is empty or unusable. The steps run in order."""
+    s = answer.strip()
+    if "\\boxed" in s or "\\fbox" in s:  # a gold given as \boxed{...}
+        s = stapo.extract_boxed(s) or ""
+    if not s or len(s) > stapo.MAX_ANSWER_CHARS or not _balanced(s):
+        return None
+    s = re.sub(r",\\! *", ",", s.replace("{,}", ","))  # 11,\! 111 and 1{,}000: thousands, before \! and \{ go
+    s = _DEGREES.sub("", s)  # ^\circ before \circ
+    s = _COMMAND.sub(lambda m: _COMMANDS.get(m[1], m[0]), s)
+    for old, new in _SYMBOLS:  # after the commands, so that \$ and \% are gone before $ and %
+        s = s.replace(old, new)
+    s = _UNIT_TEXT.sub("", s)  # 5\text{ cm}^2 -> 5
+    for _ in range(3):  # \text{\textbf{x}} -> x
+        s = _WRAPPER.sub(r"\1", s)
+    s = _AND.sub(",", " ".join(s.split()))  # spaces collapsed to one: 6 \text{ and } 8 -> 6,8
+    s = _UNIT_WORDS.sub("", s.rstrip("."))  # 10 degrees -> 10
+    if len(_RELATION.findall(s)) == 1:  # f(x) = 5 -> 5, x \in [1,2] -> [1,2], but x+y = 5 stays
+        s = _LEFT_SIDE.sub("", s)
+    if _THOUSANDS.fullmatch(s.strip()):  # spaces still present here
+        s = s.replace(",", "")
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac1{2}
+    s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
+    for _ in range(3):  # (5) -> 5, ((C)) -> C; (1,2) and (1)+(2) keep theirs. 3 layers at most: linear time
+        b = _bracketed(s)
+        if not b or b[0] + b[2] != "()" or len(b[1]) != 1:
+            break
+        s = s[1:-1]
+    return s or None
+
+
+def to_number(s: str) -> float | None:
+    """A finite number from a normalised answer: 12, -0.5, 4.5e33, 4.5\\times10^{33}, \\frac{1}{2}, 3/4."""
+    if len(s) > 60:
+        return None
+    value = None
+    if m := re.fullmatch(_NUM, s):
+        value = float(s)
+    elif m := re.fullmatch(rf"({_NUM})(?:[eE]|\*10\^|\\times10\^|\\cdot10\^)\{{?([+-]?\d+)\}}?", s):
+        value = float(f"{m[1]}e{m[2]}")
+    elif m := re.fullmatch(r"10\^\{?([+-]?\d+)\}?", s):
+        value = float(f"1e{m[1]}")
+    elif m := re.fullmatch(rf"([+-]?)\\frac\{{({_NUM})\}}\{{({_NUM})\}}", s) or re.fullmatch(
+        rf"()({_NUM})/({_NUM})", s
+    ):
+        numerator, denominator = float(m[2]), float(m[3])
+        value = (-1 if m[1] == "-" else 1) * numerator / denominator if denominator else None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def split_top_level(s: str) -> list[str]:
+    """Split on commas outside any brackets: "(1,2),3" -> ["(1,2)", "3"]."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(s):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+    return parts + [s[start:]]
+
+
+def _bracketed(s: str) -> tuple[str, list[str], str] | None:
+    """(open, items, close) when the whole string is one bracketed group: (1,2], [3,4), {5,6}."""
+    if len(s) < 2 or s[0] not in "([{" or s[-1] not in ")]}":
+        return None
+    items, depth, start = [], 0, 1
+    for i, char in enumerate(s):
+        depth += (char in "([{") - (char in ")]}")
+        if depth == 0 and i < len(s) - 1:
+            return None  # (1)+(2): the first bracket closes early
+        if char == "," and depth == 1:
+            items.append(s[start:i])
+            start = i + 1
+    return s[0], items + [s[start:-1]], s[-1]
+
+
+@dataclass
+class _Work:
+    """What one answers_match call knows: the work left, the parts of each string, the result of each pair."""
+
+    budget: int = MATCH_BUDGET
+    parts: dict = field(default_factory=dict)
+    pairs: dict = field(default_factory=dict)
+
+
+def answers_match(pred: str, gold: str) -> bool:
+    """Equality of two normalised answers. Each string is parsed once and each pair compared once per call,
+    within MATCH_BUDGET units of work, so deeply nested sets cannot take exponential time; an answer too
+    big to compare within the budget is judged wrong."""
+    return _match(pred, gold, _Work())
+
+
+def _match(pred: str, gold: str, work: _Work) -> bool:
+    """answers_match inside one call: each pair is compared once, and none once the budget is spent."""
+    if (pred, gold) not in work.pairs:
+        work.budget -= 20  # a comparison costs about as much as parsing 20 characters
+        work.pairs[pred, gold] = work.budget >= 0 and _compare(pred, gold, work)
+    return work.pairs[pred, gold]
+
+
+def _parts(s: str, work: _Work) -> tuple:
+    """(number or None, bracketed group or None, top-level items) of s."""
+    if s not in work.parts:
+        work.budget -= len(s)
+        group = _bracketed(s)
+        work.parts[s] = (to_number(s), group, [s] if group else split_top_level(s))
+    return work.parts[s]
+
+
+def _compare(pred: str, gold: str, work: _Work) -> bool:
+    """Strings, then numbers, then tuples/intervals/sets, then bare lists; the parts go back to _match."""
+    if pred == gold:
+        return True
+    (x, a, items_pred), (y, b, items_gold) = _parts(pred, work), _parts(gold, work)
+    if x is not None and y is not None:
+        if re.fullmatch(r"[+-]?\d+", pred) and re.fullmatch(r"[+-]?\d+", gold):
+            return int(pred) == int(gold)  # integers: exact, whatever their size
+        return math.isclose(x, y, rel_tol=1e-4)  # relative only: 0 is not 4.6e-24
+    if a and b:  # tuples and intervals: bracket types must match; sets are unordered
+        if (a[0], a[2]) != (b[0], b[2]) or len(a[1]) != len(b[1]) or len(a[1]) > 50:
+            return False
+        if a[0] == "{":
+            return _unordered_match(a[1], b[1], work)
+        return all(_match(p, g, work) for p, g in zip(a[1], b[1], strict=True))
+    if 1 < len(items_gold) == len(items_pred) <= 50:  # bare lists: any order
+        return _unordered_match(items_pred, items_gold, work)
+    return False
+
+
+def _unordered_match(preds: list[str], golds: list[str], work: _Work) -> bool:
+    """Every pred pairs with its own gold. Identical strings pair first (cheap, and never a wrong choice),
+    then each remaining pred takes the first unused gold that matches it."""
+    unused, rest = list(golds), []
+    for p in preds:
+        if p in unused:
+            unused.remove(p)
+        else:
+            rest.append(p)
+    for p in rest:
+        hit = next((i for i, g in enumerate(unused) if _match(p, g, work)), None)
+        if hit is None:
+            return False
+        del unused[hit]
+    return True
+
+
+def rule_grade(completion: str, gold: str) -> bool:
+    """True if the last \\boxed{} of the completion equals the gold answer under the structured rules. Never raises."""
+    try:
+        boxed = stapo.extract_boxed(completion)
+        pred = normalize_answer(boxed) if boxed else None
+        target = normalize_answer(str(gold))
+        return pred is not None and target is not None and answers_match(pred, target)
+    except (ValueError, OverflowError, RecursionError):  # a bug must not crash a long run
+        return False
+
+
+def grade(completion: str, gold: str) -> bool:
+    """A benchmark sample is right if the training reward (stapo.verify) or the structured rules accept it."""
+    return stapo.verify(completion, gold) or rule_grade(completion, gold)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,52 +284,51 @@ RECORD_FIELDS = {"benchmark": str, "problem_idx": int, "sample_idx": int, "gold"
 
 
 def benchmark_example(name: str, row: dict) -> dict | None:
-    """A benchmark row -> {"problem", "answer"}, with each file's quirks undone; None without an answer."""
-    example = stapo.row_to_example(row)  # problem/question; answer, final_answer[0], or Minerva's last \boxed{}
-    if example is None:
+    """A benchmark row -> {"problem", "answer"}, each file's layout and quirks undone; None without an answer.
+    The problem is "problem" or "question"; the gold is "answer" (AMC23: a float such as 27.0), OlympiadBench's
+    "final_answer" (a list of one, in $...$), or the last \\boxed{} of Minerva's "solution"."""
+    problem = row.get("problem") or row.get("question")
+    answer = row.get("answer", row.get("final_answer"))
+    answer = answer[0] if isinstance(answer, list) and len(answer) == 1 else answer
+    if answer is None and isinstance(row.get("solution"), str):
+        answer = stapo.extract_boxed(row["solution"])
+    answer = int(answer) if isinstance(answer, float) and answer.is_integer() else answer
+    if not isinstance(problem, str) or not problem.strip() or not isinstance(answer, str | int | float):
         return None
     if name == "aime25":  # "\frac" and "\triangle" lost their backslash to JSON escapes: \f, \t
-        example["problem"] = example["problem"].replace("\x0c", "\\f").replace("\t", "\\t")
-    example["answer"] = example["answer"].strip().strip("$").strip()  # OlympiadBench: $...$
-    return example if example["answer"] else None
+        problem = problem.replace("\x0c", "\\f").replace("\t", "\\t")
+    answer = str(answer).strip().strip("$").strip()  # OlympiadBench: $...$
+    return {"problem": problem.strip(), "answer": answer} if answer else None
 
 
-def load_benchmark(name: str, data_dir: str | Path | None = None) -> list[dict]:
-    if name not in BENCHMARKS:
-        raise SystemExit(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+def load_benchmark(name: str, data_dir: str | Path = BENCHMARK_DIR) -> list[dict]:
+    """A benchmark's problems, from its jsonl file in data_dir or, with data_dir "hub", from the Hub."""
     bench = BENCHMARKS[name]
-    if data_dir is not None:
-        path = Path(data_dir) / bench.file
-        if not path.is_file():
-            raise SystemExit(f"{path} not found: --data-dir must hold {', '.join(b.file for b in BENCHMARKS.values())}")
-        source, unit, rows = path, "line", stapo.jsonl_objects(path)[0]
-    else:
+    if str(data_dir) == "hub":
         import datasets
 
-        try:
-            source, unit, rows = bench.hub_id, "row", enumerate(datasets.load_dataset(bench.hub_id, split=bench.split))
-        except (OSError, ValueError) as e:  # offline: ConnectionError; a missing set: DatasetNotFoundError
-            raise SystemExit(f"{name}: cannot load {bench.hub_id} from the Hugging Face Hub ({type(e).__name__}): "
-                             "pass --data-dir, a folder of the six offline jsonl files") from None  # fmt: skip
-    examples = []
-    for n, row in rows:
-        example = benchmark_example(name, row)
-        if example is None:
-            fields = ", ".join(sorted(row))
-            raise SystemExit(f"{source}: {unit} {n}: no problem text or no usable answer (fields: {fields})")
-        examples.append(example)
-    if not examples:
-        raise SystemExit(f"{source}: no problems")
+        with stapo.loading(f"{name}: --data-dir hub:", bench.hub_id, "dataset"):
+            source, rows = bench.hub_id, list(datasets.load_dataset(bench.hub_id, split=bench.split))
+    else:
+        source = Path(data_dir) / bench.file
+        if not source.is_file():
+            raise SystemExit(f"{source} not found: --data-dir must hold {', '.join(b.file for b in BENCHMARKS.values())}"
+                             " (or be hub)")  # fmt: skip
+        rows = stapo.read_jsonl(source, torn_tail_ok=False)
+    examples = [benchmark_example(name, row) for row in rows]
+    if None in examples or not examples:
+        n = examples.index(None) if None in examples else -1
+        raise SystemExit(f"{source}: no problems" if n < 0 else f"{source}: row {n + 1}: no problem text or no usable "
+                         f"answer (fields: {', '.join(sorted(rows[n]))})")  # fmt: skip
     return examples
 
 
-def read_generations(path: Path) -> tuple[list[dict], int]:
-    """The records of a generations file and the byte length of its whole lines; SystemExit if it is not one."""
+def read_generations(path: Path) -> list[dict]:
+    """The records of a generations file; SystemExit if it is not one (a torn last line is dropped)."""
     if not path.is_file():
         raise SystemExit(f"{path}: not a file")
-    objects, size = stapo.jsonl_objects(path, torn_tail_ok=True)
-    seen = {}
-    for n, r in objects:
+    records, seen = stapo.read_jsonl(path), {}
+    for n, r in enumerate(records, 1):
         bad = [k for k, kind in RECORD_FIELDS.items() if not isinstance(r.get(k, ...), kind)]
         if bad:
             raise SystemExit(f"{path}: line {n}: not a generation record of eval.py (missing or mistyped: {bad})")
@@ -124,7 +338,7 @@ def read_generations(path: Path) -> tuple[list[dict], int]:
         if key in seen:  # counting it twice would weigh one problem more than the others
             raise SystemExit(f"{path}: line {n} repeats {key} of line {seen[key]}")
         seen[key] = n
-    return [r for _, r in objects], size
+    return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +352,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
-def score_rows(rows: list[dict], grader: str = "regex") -> dict:
+def score_rows(rows: list[dict], grader: str = "rules") -> dict:
     """Per-benchmark metrics from generation records; with math-verify, its verdict is each r["math_verify"]."""
     results = {}
     for name in [b for b in BENCHMARKS if any(r["benchmark"] == b for r in rows)]:
@@ -165,7 +379,7 @@ def score_rows(rows: list[dict], grader: str = "regex") -> dict:
             verdicts = [r["math_verify"] is True for r in mine]
             m[f"math_verify_avg@{n}"] = sum(verdicts) / len(mine)
             m["agreement"] = sum(a == b for a, b in zip(correct, verdicts, strict=True)) / len(mine)
-        if grader != "regex":
+        if grader != "rules":
             m["math_verify_timeouts"] = sum(r["math_verify"] == "timeout" for r in mine)
             m["math_verify_errors"] = sum(r["math_verify"] == "error" for r in mine)
     results["Avg"] = sum(m[f"avg@{m['samples']}"] for m in results.values()) / max(1, len(results))
@@ -175,10 +389,10 @@ def score_rows(rows: list[dict], grader: str = "regex") -> dict:
 
 def markdown_table(results: dict) -> str:
     benchmarks = {name: m for name, m in results.items() if isinstance(m, dict)}
-    grader = results.get("grader", "regex")
+    grader = results.get("grader", "rules")
     ks = sorted({int(k[5:]) for m in benchmarks.values() for k in m if k.startswith("pass@")})
     both = ["math-verify avg@k", "agreement"] if grader == "both" else []
-    timeouts = ["math-verify timeouts/errors"] if grader != "regex" else []
+    timeouts = ["math-verify timeouts/errors"] if grader != "rules" else []
     head = ["benchmark", "problems", "avg@k", *both, *[f"pass@{k}" for k in ks], "no box", "mean len", "truncated",
             *timeouts]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -192,7 +406,7 @@ def markdown_table(results: dict) -> str:
         if timeouts:
             row.append(f"{m['math_verify_timeouts']}/{m['math_verify_errors']}")
         lines.append("| " + " | ".join(row) + " |")
-    graded, avg = "regex" if grader == "both" else grader, 100 * results["Avg"]
+    graded, avg = "rules" if grader == "both" else grader, 100 * results["Avg"]
     lines.append(f"\nAvg (unweighted mean of avg@k over {len(benchmarks)} benchmarks, graded by {graded}): {avg:.1f}")
     return "\n".join(lines)
 
@@ -238,7 +452,7 @@ def math_verify_verdicts(rows: list[dict]) -> list[bool | str]:
 
 
 def write_results(rows: list[dict], json_path: Path, md_path: Path, grader: str) -> str:
-    if grader != "regex":
+    if grader != "rules":
         for r, verdict in zip(rows, math_verify_verdicts(rows), strict=True):
             r["math_verify"] = verdict
     results = score_rows(rows, grader)
@@ -252,28 +466,13 @@ def write_results(rows: list[dict], json_path: Path, md_path: Path, grader: str)
 # Generation
 
 
-def memory_plan(args, device: torch.device | None, prompt_tokens: int) -> dict:
-    """Bytes on device (None: a GPU of --gpu-memory-gb or 80 GB): the weights, 2 or 4 a parameter (no gradients,
-    no AdamW), and per sequence of a generate call its KV cache and the sampler's fp32 logits and prefill
-    transients, as stapo.plan_memory counts them. --kv-cache-gb 0: as many sequences as HEADROOM leaves room for."""
-    c, seq = stapo.load_model_config(args.model), prompt_tokens + args.max_new_tokens
+def eval_plan(args, device: torch.device | None, prompt_tokens: int) -> dict:
+    """plan.eval_plan on device (None: a GPU of --gpu-memory-gb or 80 GB, as --dry-run plans for)."""
+    with stapo.loading("--model", args.model):
+        c = stapo.load_model_config(args.model)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and (device is None or device.type == "cuda"))
     device_bytes = stapo.device_memory(stapo.Config(gpu_memory_gb=args.gpu_memory_gb or (0 if device else 80)), device)
-    weights, kv_per_seq = (2 if bf16 else 4) * stapo.parameter_count(c), seq * stapo.kv_bytes_per_token(c, bf16)
-    sampling_per_seq = stapo.sampler_bytes_per_sequence(c, prompt_tokens)
-    free = args.kv_cache_gb * 1e9 or stapo.HEADROOM * device_bytes - weights
-    n = max(1, int(free // (kv_per_seq + (0 if args.kv_cache_gb else sampling_per_seq))))
-    return {"bf16": bf16, "weights": weights, "sequences_per_call": n, "tokens_per_sequence": seq,
-            "kv_cache": n * kv_per_seq, "sampling": n * sampling_per_seq, "budget": stapo.HEADROOM * device_bytes,
-            "total": weights + n * (kv_per_seq + sampling_per_seq)}  # fmt: skip
-
-
-def plan_line(plan: dict, name: str) -> str:
-    fits, gb = "fits" if plan["total"] <= plan["budget"] else "DOES NOT FIT", 1e9
-    return (f"plan: {name} weights {plan['weights'] / gb:.1f} GB ({'bf16' if plan['bf16'] else 'fp32'}) + KV "
-            f"{plan['kv_cache'] / gb:.1f} GB + sampler {plan['sampling'] / gb:.1f} GB for {plan['sequences_per_call']} "
-            f"sequences of {plan['tokens_per_sequence']:,} tokens per generate call = {plan['total'] / gb:.1f} GB "
-            f"of {plan['budget'] / gb:.1f} GB ({fits})")  # fmt: skip
+    return plan.eval_plan(c, device_bytes, bf16, prompt_tokens, args.max_new_tokens, args.generate_batch)
 
 
 def call_seed(seed: int, name: str, call: int) -> int:
@@ -296,20 +495,19 @@ def open_run(out_dir: Path, settings: dict) -> tuple[Path, dict]:
     settings_path.write_text(json.dumps(settings, indent=2))
     if not gen_path.exists():
         return gen_path, {}
-    done, whole = read_generations(gen_path)
-    data = gen_path.read_bytes()
-    if data and not data.endswith(b"\n"):  # a kill during an append: drop the torn line, or end a whole one
-        stapo.replace_file(gen_path, data[:whole] if whole < len(data) else data + b"\n")
+    done, data = read_generations(gen_path), gen_path.read_bytes()
+    if data and not data.endswith(b"\n"):  # a kill during an append: the torn line goes (read_generations warned)
+        stapo.replace_file(gen_path, data[: data.rfind(b"\n") + 1].decode())
     return gen_path, {(r["benchmark"], r["problem_idx"], r["sample_idx"]): r["correct"] for r in done}
 
 
-def sample_benchmark(model, tokenizer, name: str, examples: list[dict], prompts: list, k: int, plan: dict,
-                     cfg, seed: int, gen_path: Path, have: dict):  # fmt: skip
+def sample_benchmark(model, tokenizer, name: str, examples: list[dict], prompts: list, k: int, cfg, seed: int,
+                     gen_path: Path, have: dict):  # fmt: skip
     """k samples of every problem: one queue of (problem, sample) items sorted by prompt length (less padding),
     cut into as few generate calls as the plan allows, evenly filled, each seeded by its index; calls whose
     samples are all in `have` are skipped, the others' new samples added."""
     items = sorted(((i, j) for i in range(len(examples)) for j in range(k)), key=lambda item: len(prompts[item[0]]))
-    calls = math.ceil(len(items) / plan["sequences_per_call"])
+    calls = math.ceil(len(items) / cfg.generate_batch)
     bar = tqdm(total=len(items), desc=f"{name} samples", disable=None)
     for c in range(calls):
         call = items[c * len(items) // calls : (c + 1) * len(items) // calls]
@@ -317,8 +515,7 @@ def sample_benchmark(model, tokenizer, name: str, examples: list[dict], prompts:
             bar.update(len(call))
             continue
         torch.manual_seed(call_seed(seed, name, c))  # a call's samples do not depend on what ran before
-        rollouts = stapo.generate(model, tokenizer, [prompts[i] for i, _ in call], cfg, f"generate {c + 1}/{calls}",
-                                  kv_cache_bytes=plan["kv_cache"])  # fmt: skip
+        rollouts = stapo.generate(model, tokenizer, [prompts[i] for i, _ in call], cfg, f"generate {c + 1}/{calls}")
         records = []
         for row, (i, j) in enumerate(call):
             if (name, i, j) in have:
@@ -326,7 +523,7 @@ def sample_benchmark(model, tokenizer, name: str, examples: list[dict], prompts:
             ids = rollouts.completions[row, rollouts.completion_mask[row]]
             text, gold = tokenizer.decode(ids, skip_special_tokens=True), examples[i]["answer"]
             records.append({"benchmark": name, "problem_idx": i, "sample_idx": j, "gold": gold,
-                            "extracted": stapo.extract_boxed(text), "correct": stapo.verify(text, gold),
+                            "extracted": stapo.extract_boxed(text), "correct": grade(text, gold),
                             "length": len(ids), "truncated": bool(rollouts.truncated[row]),
                             "completion": text})  # fmt: skip
         stapo.append_jsonl(gen_path, records)
@@ -343,12 +540,12 @@ def evaluate(args) -> str:
     for name in names:
         if name not in BENCHMARKS:
             raise SystemExit(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    if args.grader != "regex":
+    if args.grader != "rules":
         load_math_verify()  # missing: say so now, not after hours of sampling
     device = stapo.resolve_device(stapo.Config(device=args.device))
     # Everything that changes a sample or a score: the device type because precision "auto" and the kernels
     # depend on it, and (below) the plan's sequences per call because it cuts the queue into generate calls.
-    data = str(Path(args.data_dir).resolve()) if args.data_dir else "hub"
+    data = "hub" if args.data_dir == "hub" else str(Path(args.data_dir).resolve())
     settings = {"model": args.model, "temperature": temperature, "top_p": top_p, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "prompt_format": args.prompt_format, "samples": args.samples, "limit": args.limit,
                 "data": data, "precision": args.precision, "device": device.type, "grader": args.grader}  # fmt: skip
@@ -356,31 +553,34 @@ def evaluate(args) -> str:
     out_dir = Path(args.output_dir or f"evals/{name}_t{temperature}_p{top_p}")  # runs/stapo/step-N: stapo-step-N
     refuse_other_settings(out_dir, settings)  # now, before the tokenizer and the plan are loaded
     benchmarks = {name: load_benchmark(name, args.data_dir)[: args.limit] for name in names}  # bad files fail here
-    tokenizer = stapo.load_tokenizer(args.model)
+    with stapo.loading("--model", args.model):
+        tokenizer = stapo.load_tokenizer(args.model)
     prompts = {name: [stapo.encode_prompt(e["problem"], tokenizer, args.prompt_format) for e in examples]
                for name, examples in benchmarks.items()}  # fmt: skip
-    plan = memory_plan(args, device, max(len(p) for ps in prompts.values() for p in ps))
-    line = plan_line(plan, Path(args.model).name)
+    sizing = eval_plan(args, device, max(len(p) for ps in prompts.values() for p in ps))
+    line = plan.eval_plan_line(sizing, Path(args.model).name)
     print(line, flush=True)
-    if plan["total"] > plan["budget"]:  # before a run folder is made
-        fixes = ["--kv-cache-gb 0"] * (args.kv_cache_gb > 0) + ["--precision bf16"] * (not plan["bf16"])
+    if sizing["total"] > sizing["budget"]:  # before a run folder is made
+        fixes = ["--generate-batch 0"] * (args.generate_batch > 0) + ["--precision bf16"] * (not sizing["bf16"])
         raise SystemExit(f"{line}: refused; try {' or '.join([*fixes, 'a shorter --max-new-tokens', 'more memory'])}")
-    gen_path, have = open_run(out_dir, settings | {"sequences_per_call": plan["sequences_per_call"]})
+    gen_path, have = open_run(out_dir, settings | {"sequences_per_call": sizing["sequences_per_call"]})
     print(f"eval: writing to {out_dir.resolve()}", flush=True)  # flushed: a batch job's log shows it at once
 
-    model = stapo.load_model(args.model, device, tokenizer, dtype=torch.bfloat16 if plan["bf16"] else torch.float32)
+    with stapo.loading("--model", args.model):
+        model = stapo.load_model(
+            args.model, device, tokenizer, dtype=torch.bfloat16 if sizing["bf16"] else torch.float32
+        )
     cfg = stapo.Config(temperature=temperature, top_p=top_p, max_new_tokens=args.max_new_tokens,
-                       precision="bf16-autocast" if plan["bf16"] else "fp32")  # fmt: skip
+                       generate_batch=sizing["sequences_per_call"], precision="bf16-autocast" if sizing["bf16"] else "fp32")  # fmt: skip
     wanted = set()
     for name, examples in benchmarks.items():
         k, start = args.samples or BENCHMARKS[name].samples, time.perf_counter()  # samples None: the paper's number
-        keys = sample_benchmark(model, tokenizer, name, examples, prompts[name], k, plan, cfg, args.seed, gen_path,
-                                have)  # fmt: skip
+        keys = sample_benchmark(model, tokenizer, name, examples, prompts[name], k, cfg, args.seed, gen_path, have)
         wanted |= keys
         avg = sum(have[key] for key in keys) / len(keys)
-        print(f"{name} | {len(examples)} problems x {k} samples | avg@{k} {100 * avg:.1f} (regex) | "
+        print(f"{name} | {len(examples)} problems x {k} samples | avg@{k} {100 * avg:.1f} (rules) | "
               f"{time.perf_counter() - start:.0f}s", flush=True)  # fmt: skip
-    rows = [r for r in read_generations(gen_path)[0] if (r["benchmark"], r["problem_idx"], r["sample_idx"]) in wanted]
+    rows = [r for r in read_generations(gen_path) if (r["benchmark"], r["problem_idx"], r["sample_idx"]) in wanted]
     return write_results(rows, out_dir / "results.json", out_dir / "results.md", args.grader)
 
 
@@ -401,7 +601,7 @@ def number(kind, allowed: str, ok):
 
 COUNT = number(int, "a whole number >= 1", lambda v: v >= 1)
 POSITIVE = number(float, "a number > 0", lambda v: 0 < v < math.inf)
-NON_NEGATIVE = number(float, "a number >= 0", lambda v: 0 <= v < math.inf)
+NON_NEGATIVE_INT = number(int, "a whole number >= 0", lambda v: v >= 0)
 PROBABILITY = number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
@@ -410,23 +610,24 @@ def parse_args(argv=None):
     p.add_argument("--model", help="HF id, checkpoint folder, or 'tiny' (random CPU model)")
     p.add_argument("--score", metavar="FILE", help="score a generations file into <stem>.score-<grader>.md beside it")
     p.add_argument("--benchmarks", help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
-    p.add_argument("--data-dir", help="folder of local jsonl copies (default: the Hub ids)")
+    p.add_argument("--data-dir", default=BENCHMARK_DIR, help="folder of the six jsonl files (default: benchmarks/ "
+                   "beside eval.py); hub: the Hub ids")  # fmt: skip
     p.add_argument("--preset", choices=PRESETS, default="t1.0", help="t1.0: temperature 1.0, top-p 1.0; t0.7: 0.7/0.9")
     p.add_argument("--temperature", type=POSITIVE, help="overrides the preset")
     p.add_argument("--top-p", type=PROBABILITY, help="overrides the preset")
     p.add_argument("--samples", type=COUNT, help="samples per problem (default: the paper's 32 or 4)")
     p.add_argument("--max-new-tokens", type=COUNT, help="response cap (default: the paper's 20,480; 64 for tiny)")
     p.add_argument("--limit", type=COUNT, help="only the first N problems of each benchmark")
-    p.add_argument("--kv-cache-gb", type=NON_NEGATIVE, default=0.0,
-                   help="KV-cache budget of one generate call; 0: what the memory plan leaves free")  # fmt: skip
+    p.add_argument("--generate-batch", type=NON_NEGATIVE_INT, default=0,
+                   help="sequences per generate call; 0: as many as the memory plan leaves room for")  # fmt: skip
     p.add_argument("--gpu-memory-gb", type=POSITIVE, help="memory to plan for (default: what is free on the device; "
                    "80 for --dry-run without a GPU)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the memory plan from the model's config alone, exit")
     p.add_argument("--prompt-format", choices=("chat", "plain"), default="chat", help="as in training")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="weights and KV cache; auto: bf16 on CUDA, fp32 on CPU")  # fmt: skip
-    grader_help = "regex: stapo.py's verifier; math-verify (pip install math-verify); both: regex + agreement"
-    p.add_argument("--grader", choices=GRADERS, default="regex", help=grader_help)
+    grader_help = "rules: grade; math-verify (pip install math-verify); both: rules + agreement"
+    p.add_argument("--grader", choices=GRADERS, default="rules", help=grader_help)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", help="default: evals/<model>_t<temperature>_p<top-p>")
@@ -440,15 +641,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    stapo.quiet_libraries()
     if args.model and args.dry_run:  # no weights, no data: prompts up to the trainer's --max-prompt-tokens
         gpu = torch.device("cuda") if torch.cuda.is_available() else None
-        return print(plan_line(memory_plan(args, gpu, stapo.Config().max_prompt_tokens), Path(args.model).name))
+        return print(plan.eval_plan_line(eval_plan(args, gpu, stapo.Config().max_prompt_tokens), Path(args.model).name))
     if args.model and args.device.startswith("cuda") and torch.cuda.device_count() <= int(args.device[5:] or 0):
         raise SystemExit(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices")
     if args.score:
         path = Path(args.score)  # the tables go beside it under its own name: a run's results.md stays as it is
-        rows = read_generations(path)[0]
+        rows = read_generations(path)
         if not rows:
             raise SystemExit(f"{path}: no records: not a generations file of eval.py")
         out = f"{path.stem}.score-{args.grader}"

@@ -13,27 +13,25 @@ One training step:
      divided by their number in the whole mini-batch. No KL, no entropy bonus, no value net.
 
 The paper's baselines run in the same loop: --mask none is JustRL/DAPO, --mask high-entropy is
-20-Entropy, and --mask none --loss-agg sequence --eps-high 0.2 is GRPO. Every line where STAPO
-differs from plain DAPO carries a "# STAPO:" comment.
+20-Entropy, --mask none --loss-agg sequence --eps-high 0.2 is GRPO. "# STAPO:" marks every line
+where STAPO differs from plain DAPO. Sections 1-4 read top to bottom; the appendix is what a run
+needs besides. Under torchrun (FSDP2) mini-batch statistics are taken over all ranks with all_sum /
+all_cat (the identity in one process). Beside this file: eval.py (the paper's benchmarks), plan.py
+(memory per phase), bench.py (GPU self-check), plot.py (curves). Left out on purpose: vLLM (HF
+generate is slower but readable), sequence packing, multi-node scripts, length penalties, KL.
 
-Sections 1-3 (config, the paper's math, one training step) read top to bottom; 4 is the loop; the
-appendix is support code. Under torchrun (FSDP2) mini-batch statistics are taken over all ranks with
-all_sum / all_cat (the identity in one process). Left out on purpose: vLLM (HF generate is slower but
-readable), sequence packing, multi-node launch scripts, length penalties.
-
-Run:   python stapo.py --model Qwen/Qwen3-1.7B-Base                           (one GPU)
-       python stapo.py --model tiny --dataset toy --steps 3                   (CPU smoke run, no downloads)
-       python stapo.py --model tiny-sft --dataset toy --steps 120 --lr 1e-3   (CPU demo: tokens silenced)
-       torchrun --nproc_per_node 8 stapo.py --model Qwen/Qwen3-8B-Base        (8 GPUs, one node)
+Run:   python stapo.py --model Qwen/Qwen3-1.7B-Base                      (one GPU)
+       python stapo.py --model tiny --steps 3                            (CPU smoke run, no downloads)
+       python stapo.py --model tiny-sft --steps 120 --lr 1e-3            (CPU demo: tokens silenced)
+       torchrun --nproc_per_node 8 stapo.py --model Qwen/Qwen3-8B-Base   (8 GPUs, one node)
 Test:  pytest -q
 """
 
+import argparse
 import dataclasses
 import datetime
 import functools
 import importlib
-import importlib.util
-import itertools
 import json
 import math
 import os
@@ -43,7 +41,6 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +66,8 @@ def knob(default, help: str):
 @dataclass
 class Config:
     # model and data
-    model: str = knob("Qwen/Qwen3-1.7B-Base", "HF id or folder; tiny: a random CPU model (P 8, 64 new tokens "
-                      "unless given); tiny-sft: tiny, first taught the answer format (the CPU demo)")  # fmt: skip
+    model: str = knob("Qwen/Qwen3-1.7B-Base", "HF id or folder; tiny: a random CPU model, CPU-sized defaults, toy "
+                      "data; tiny-sft: tiny taught the answer format first (the CPU demo)")  # fmt: skip
     dataset: str = knob("BytedTsinghua-SIA/DAPO-Math-17k", "Hub id, local .jsonl/.json/.parquet, or toy")
     dataset_config: str | None = knob(None, "Hub dataset config name")
     split: str = knob("train", "dataset split (local files: train)")
@@ -90,7 +87,7 @@ class Config:
     max_new_tokens: int = knob(4096, "response cap (paper: 15k)")
     temperature: float = knob(1.0, "sampling temperature")
     top_p: float = knob(1.0, "nucleus sampling")
-    kv_cache_gb: float = knob(0.0, "KV-cache budget of one generate call in GB; 0: what the memory plan leaves free")
+    generate_batch: int = knob(0, "sequences per generate call; 0: as many as the free memory holds")
     # STAPO / S2T
     mask: Literal["s2t", "none", "high-entropy"] = knob(
         "s2t", "s2t: STAPO; none: JustRL, GRPO; high-entropy: 20-Entropy"
@@ -115,17 +112,15 @@ class Config:
     gradient_checkpointing: Literal["auto", "on", "off"] = knob(
         "auto", "recompute the body in backward; auto: if needed"
     )
-    gpu_memory_gb: float = knob(0.0, "memory to plan for; 0: what is free on the device (--dry-run: 80)")
-    dry_run: bool = knob(False, "print the memory plan from the model's config alone and exit")
-    gpus: int = knob(1, "GPUs to plan for with --dry-run (a torchrun run plans for its processes)")
+    gpu_memory_gb: float = knob(0.0, "memory to plan for; 0: what is free on the device")
     # logging and checkpoints
     save_every: int = knob(50, "checkpoint every N steps (and at the end)")
-    report_to: Literal["none", "wandb", "trackio", "tensorboard"] = knob("none", "also send the metrics to a tracker")
+    report_to: Literal["none", "wandb", "trackio"] = knob("none", "also send the metrics to a tracker")
     log_samples: int = knob(4, "completions written to samples.jsonl per step")
 
 
 TINY = ("tiny", "tiny-sft")  # random; then taught the answer format (teach_format): the CPU demo
-TINY_DEFAULTS = {"prompts_per_step": 8, "max_new_tokens": 64}  # --model tiny: seconds per step on a CPU
+TINY_DEFAULTS = {"dataset": "toy", "prompts_per_step": 8, "max_new_tokens": 64}  # seconds per step on a CPU
 
 
 def uses_bf16(cfg: Config, device: torch.device) -> bool:  # bf16 compute over fp32 master weights
@@ -198,8 +193,8 @@ def s2t_select(logp, entropy, advantages, completion_mask, tau_p: float = 0.002,
     All inputs are (B, T) except advantages (B,); p and H come from the policy at the start of the
     mini-batch, without gradient.
     """
-    # STAPO: candidates are the unlikely tokens of correct answers
-    candidates = (advantages[:, None] > 0) & completion_mask & (logp.exp() < tau_p)  # (B, T)
+    # STAPO: candidates are the unlikely tokens of correct answers (p < tau_p strictly, compared as log p)
+    candidates = (advantages[:, None] > 0) & completion_mask & (logp < math.log(tau_p))  # (B, T)
     # STAPO: tau_h comes from the candidates only, of the whole mini-batch (all ranks under torchrun)
     pool = all_cat(entropy[candidates].float())  # (|C|,)
     if pool.numel() < 2:  # an empty or single-element C masks nothing (and quantile needs two)
@@ -275,26 +270,20 @@ def loss_denominator(keep, loss_agg: str = "token") -> int:
 
 def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg: Config) -> tuple[dict, dict]:
     """One rollout batch and its updates. Returns (metrics, this process's records for the jsonl files)."""
-    G = cfg.group_size
-    # 1. rollouts: every problem G times
-    t0 = time.time()
-    examples = pick_problems(problems, step, cfg)  # this step's problems (under torchrun, this rank's share)
-    prompts = [e["prompt_ids"] for e in examples for _ in range(G)]  # B prompts
-    rollouts = generate(model, tokenizer, prompts, cfg, f"step {step + 1} rollouts")
-    B, completions = len(prompts), zip(rollouts.completions, rollouts.completion_mask, strict=True)
-    texts = [tokenizer.decode(c[m], skip_special_tokens=True) for c, m in completions]
-    # 2. rewards, 3. advantages
-    golds = [e["answer"] for e in examples for _ in range(G)]
-    rewards = torch.tensor([float(verify(t, g)) for t, g in zip(texts, golds, strict=True)])  # (B,)
-    advantages = group_advantages(rewards, G)  # (B,)
-    gen_s = time.time() - t0
-
-    # 4. p and H under the rollout policy, then the S2T mask and 5. the clipped updates
-    t0 = time.time()
-    old_logp, entropy = score(model, rollouts, list(range(B)), cfg)  # (B, T) each
-    logp_s = time.time() - t0
-    stats, silenced = ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg)
-    train_s = time.time() - t0
+    G, clock = cfg.group_size, {}
+    with timed("generation", clock):  # 1. rollouts: every problem G times; 2. rewards; 3. advantages
+        examples = pick_problems(problems, step, cfg)  # this step's problems (under torchrun, this rank's share)
+        prompts = [e["prompt_ids"] for e in examples for _ in range(G)]  # B prompts
+        rollouts = generate(model, tokenizer, prompts, cfg, f"step {step + 1} rollouts")
+        B, completions = len(prompts), zip(rollouts.completions, rollouts.completion_mask, strict=True)
+        texts = [tokenizer.decode(c[m], skip_special_tokens=True) for c, m in completions]
+        golds = [e["answer"] for e in examples for _ in range(G)]
+        rewards = torch.tensor([float(verify(t, g)) for t, g in zip(texts, golds, strict=True)])  # (B,)
+        advantages = group_advantages(rewards, G)  # (B,)
+    with timed("scoring", clock):  # 4. p and H under the rollout policy, for the S2T mask
+        old_logp, entropy = score(model, rollouts, list(range(B)), cfg)  # (B, T) each
+    with timed("update", clock):  # 5. the mask and the clipped updates, mini-batch by mini-batch
+        stats, silenced = ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg)
 
     # Metrics of the whole batch: sums over every rank (all_sum is the identity in one process).
     n, reward, tokens, H, truncated, zero_std, spurious, clipped, kept, loss = all_sum([
@@ -309,9 +298,8 @@ def train_step(model, tokenizer, optimizer, problems: list[dict], step: int, cfg
         "spurious_frac": spurious / max(1, tokens),
         "tau_h": sum(stats["tau_h"]) / len(stats["tau_h"]) if stats["tau_h"] else None,
         "clip_frac": clipped / max(1, kept), "loss": loss,
-        "grad_norm": sum(stats["grad_norm"]) / len(stats["grad_norm"]),
-        "lr": optimizer.param_groups[0]["lr"], "gen_s": gen_s, "logp_s": logp_s, "train_s": train_s,
-    }  # fmt: skip
+        "grad_norm": sum(stats["grad_norm"]) / len(stats["grad_norm"]), "lr": optimizer.param_groups[0]["lr"],
+    } | clock  # fmt: skip
     samples = [{"step": step + 1, "problem": examples[i // G]["problem"], "gold": golds[i], "reward": rewards[i].item(),
                 "completion": texts[i]} for i in range(min(cfg.log_samples, B))]  # fmt: skip
     records = []
@@ -345,6 +333,8 @@ def ppo_update(model, optimizer, rollouts, old_logp, entropy, advantages, cfg: C
                 silenced.append({"p": p, "H": H, "A": A, "tau_h": s2t.tau_h, "sample": i, "position": t})
 
         for mb in micro_batches(rollouts, rows, cfg.micro_batch_tokens):
+            if k == 0:
+                stop_point()  # no optimizer step yet: a stop can drop this step whole
             logp, _ = sequence_logp(model, rollouts, mb, cfg)  # (b, T')
             T = logp.shape[1]
             old, kept, adv = (x.to(device) for x in (old_logp[mb, :T], keep[mb, :T], advantages[mb]))
@@ -412,7 +402,7 @@ def sequence_logp(model, rollouts: Rollouts, rows: list[int], cfg: Config, with_
 
 def micro_batches(rollouts: Rollouts, rows: list[int], token_budget: int) -> list[list[int]]:
     """Split rows into micro-batches whose padded size (rows x longest) fits token_budget; sorting by
-    length first keeps padding small. Under torchrun each rank runs as many as the busiest (empty ones)."""
+    length first keeps padding small. Under torchrun every rank runs as many (lock_step)."""
     lengths = [len(p) + int(n) for p, n in zip(rollouts.prompts, rollouts.completion_mask.sum(1), strict=True)]
     batches, current = [], []
     for r in sorted(rows, key=lambda r: lengths[r]):
@@ -420,8 +410,7 @@ def micro_batches(rollouts: Rollouts, rows: list[int], token_budget: int) -> lis
             batches.append(current)
             current = []
         current.append(r)
-    batches += [current] if current else []
-    return batches + [[]] * (int(all_cat(torch.tensor([len(batches)])).max()) - len(batches))
+    return lock_step(batches + ([current] if current else []))
 
 
 @torch.no_grad()
@@ -432,6 +421,25 @@ def score(model, rollouts: Rollouts, rows: list[int], cfg: Config):
         lp, ent = sequence_logp(model, rollouts, mb, cfg, with_entropy=True)  # (b, T')
         logp[mb, : lp.shape[1]], entropy[mb, : ent.shape[1]] = lp.cpu(), ent.cpu()
     return logp, entropy
+
+
+@contextmanager
+def timed(phase: str, clock: dict):
+    """clock[phase_s]: its seconds once the GPU is done, and on CUDA clock[phase_gb]: its peak memory. An
+    out-of-memory error leaves with the phase's name as a note."""
+    cuda, start = torch.cuda.is_initialized(), time.perf_counter()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        yield
+        if cuda:
+            torch.cuda.synchronize()
+    except torch.OutOfMemoryError as e:
+        e.add_note(phase)
+        raise
+    clock[f"{phase}_s"] = time.perf_counter() - start
+    if cuda:
+        clock[f"{phase}_gb"] = torch.cuda.max_memory_allocated() / 1e9
 
 
 # ==============================================================================================
@@ -448,84 +456,113 @@ def build_optimizer(model, cfg: Config):
 def train(cfg: Config):
     device = start_distributed(cfg)  # under torchrun; otherwise just the device
     rank, world = rank_and_world()
-    plan, cfg = plan_or_stop(load_model_config(cfg.resume or cfg.model), cfg, device, world)
+    name, flag = cfg.resume or cfg.model, "--resume" if cfg.resume else "--model"
+    with loading(flag, name):
+        model_config, tokenizer = load_model_config(name), load_tokenizer(name)
+    cfg, plan = fit_memory(model_config, cfg, device, world)  # before anything big loads
     same_run = check_run_folder(cfg)  # before anything slow, and before anything is written
     torch.manual_seed(cfg.seed + rank)  # every rank samples its own answers
     random.seed(cfg.seed + rank)
-    tokenizer = load_tokenizer(cfg.resume or cfg.model)
-    problems = load_problems(cfg, tokenizer)
-    if world == 1:
-        model = load_model(cfg.resume or cfg.model, device, tokenizer, cfg.seed)
-    else:  # torchrun: sharded as it loads; only rank 0 reads the whole model
-        model = load_sharded_model(cfg.resume or cfg.model, device, tokenizer, cfg.seed, uses_bf16(cfg, device))
-    if plan["gradient_checkpointing"]:
-        model.activation_checkpointing_enable()
+    with loading("--dataset", cfg.dataset, "dataset"):
+        problems = load_problems(cfg, tokenizer)
+    with loading(flag, name):  # under torchrun, sharded as it loads: only rank 0 reads the whole model
+        bf16 = uses_bf16(cfg, device)
+        model = (
+            load_model(name, device, tokenizer, cfg.seed)
+            if world == 1
+            else load_sharded_model(name, device, tokenizer, cfg.seed, bf16)
+        )
+    if cfg.gradient_checkpointing == "on":  # transformers before 5.23 has the old name only
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
-    start = restore_trainer_state(cfg, model, optimizer, scheduler) if cfg.resume else 0
+    start, last = restore(cfg, model, optimizer, scheduler) if cfg.resume else 0, cfg.resume
     out = open_run_folder(cfg, same_run) if rank == 0 else Path(cfg.output_dir)
-    tracker = open_tracker(cfg if rank == 0 else dataclasses.replace(cfg, report_to="none"), dataclasses.asdict(cfg))
+    tracker = importlib.import_module(cfg.report_to) if cfg.report_to != "none" and rank == 0 else None
+    if tracker:  # wandb and trackio share one API
+        tracker.init(project="stapo", name=out.resolve().name, config=dataclasses.asdict(cfg))
 
-    # Ctrl-C (or SIGTERM) once: finish this step, save, exit. Twice: stop at once.
-    stop = []
-
-    def request_stop(signum, frame):
-        if stop:
+    def request_stop(signum, frame):  # Ctrl-C or SIGTERM: once, stop soon and save; twice, at once
+        if STOP:
             raise KeyboardInterrupt
-        stop.append(signum)
-        tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to quit now)")
+        STOP.append(signum)
+        print("stopping soon to save the last completed step (Ctrl-C again to quit now)", flush=True)
 
+    STOP.clear()
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in range(start, cfg.steps):
-            metrics, records = train_step(model, tokenizer, optimizer, problems, step, cfg)
+            rng = rng_states()  # as the last completed step left them
+            try:
+                metrics, records = train_step(model, tokenizer, optimizer, problems, step, cfg)
+            except StopRun:  # nothing of this step was applied: save the one before, unless it is saved
+                if step > max(start, checkpoint_step(last or "")):
+                    last = save_checkpoint(model, tokenizer, optimizer, scheduler, cfg, step, rng)
+                break
             scheduler.step()
             records = {name: all_records(r) for name, r in records.items()}  # every rank's, in rank order
             if rank == 0:  # one writer of the log files
                 tqdm.write(log_line(metrics))
                 for name, rows in (("metrics", [metrics]), *records.items()):
                     append_jsonl(out / f"{name}.jsonl", rows)
-                tracker.log(metrics, metrics["step"])
-            stopping = all_sum([len(stop)])[0] > 0  # every rank stops after the same step
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stopping:
-                print(f"saved {save_checkpoint(model, tokenizer, optimizer, scheduler, cfg, step + 1)}")
-            if stopping:
-                break
+                if tracker:
+                    tracker.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step + 1)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                last = save_checkpoint(model, tokenizer, optimizer, scheduler, cfg, step + 1, rng_states())
+                print(f"saved {last}")
+    except torch.OutOfMemoryError as e:  # one line: the phase, what was planned for it, what to try
+        phase = (getattr(e, "__notes__", None) or ["update"])[-1]
+        what = (f"{cfg.generate_batch} sequences per generate call, planned at {plan['generation'] / 1e9:.1f} GB; "
+                f"try --generate-batch {max(1, cfg.generate_batch // 2)}" if phase == "generation" else
+                f"micro-batches of {cfg.micro_batch_tokens:,} tokens, the update planned at {plan['update'] / 1e9:.1f}"
+                f" GB; try --micro-batch-tokens {cfg.micro_batch_tokens // 2}")  # fmt: skip
+        sys.exit(f"out of memory in {phase}: {what}. The last checkpoint, {last or 'none yet'}, is intact; "
+                 "python plan.py with the same flags prints the plan of every phase")  # fmt: skip
     finally:
-        tracker.finish()
+        if tracker:
+            tracker.finish()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if STOP:
+        launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+        print(f"stopped; resume with: {launcher} stapo.py --resume {last}" if last else "stopped before any step")
     return model
 
 
 def log_line(m: dict) -> str:
     tau_h = f"{m['tau_h']:.3f}" if m["tau_h"] is not None else "  -  "
+    peak = f" | peak {max(m[k] for k in ('generation_gb', 'scoring_gb', 'update_gb')):.1f} GB" if "update_gb" in m else ""
     return (
         f"step {m['step']:>4}/{m['steps']} | reward {m['reward']:.3f} | zero-std {m['frac_zero_std']:.2f} | "
         f"len {m['len_mean']:6.1f} | trunc {m['truncated_frac']:.2f} | H {m['entropy']:.3f} | "
         f"silenced {m['n_spurious']:>3}/{m['n_candidates']:<4} ({100 * m['spurious_frac']:.4f}%) tau_h {tau_h} | "
         f"clip {100 * m['clip_frac']:.2f}% | loss {m['loss']:+.4f} | gnorm {m['grad_norm']:.3f} | "
-        f"lr {m['lr']:.1e} | gen {m['gen_s']:.1f}s train {m['train_s']:.1f}s"
+        f"lr {m['lr']:.1e} | gen {m['generation_s']:.1f}s score {m['scoring_s']:.1f}s update {m['update_s']:.1f}s{peak}"
     )
 
 
 def main(argv=None):
     cfg = parse_args(argv)
-    quiet_libraries()
-    if cfg.dry_run:
-        return dry_run(cfg)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # ours show the rollouts
     try:
         train(cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop: stop at once, without a traceback
+        last = latest_checkpoint(Path(cfg.output_dir))
+        print(f"stopped at once; the last complete checkpoint is {last or 'none'}", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 # ==============================================================================================
-# Appendix: support code.
+# Appendix: what a run needs besides.
 # ----------------------------------------------------------------------------------------------
-# A. Reward: a regex verifier. The answer is the content of the last \boxed{}; both sides are
-# normalised, then compared as strings, as numbers, as tuples/intervals, then as unordered lists.
+# A. Reward: the rule-based verifier the paper trains with (DAPO's). The answer is the last \boxed{}; both
+# sides are normalised, then compared as strings, then as numbers. eval.py grades benchmarks with more
+# structure (tuples, intervals, sets, equations) and an LLM judge.
 
 MAX_ANSWER_CHARS = 2000  # longer answers are no answer: keeps every call bounded in time
 
@@ -548,208 +585,53 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
-# LaTeX commands are read whole: a backslash and all the letters after it, or a backslash and one other
-# character. So \le never matches inside \leq or \left, \left never eats the start of \leftarrow, and no
-# entry of this table depends on the order of the others (a plain str.replace of \ge turns \geq into >=q).
-_COMMANDS = {
-    "left": "", "right": "", "left.": "", "right.": "", "bigl": "", "bigr": "", "Bigl": "", "Bigr": "",
-    "displaystyle": "", "dfrac": "\\frac", "tfrac": "\\frac", "cfrac": "\\frac", "lbrace": "{", "rbrace": "}",
-    "le": "<=", "leq": "<=", "leqq": "<=", "leqslant": "<=", "lt": "<",
-    "ge": ">=", "geq": ">=", "geqq": ">=", "geqslant": ">=", "gt": ">", "ne": "!=", "neq": "!=",
-    "circ": "", "degree": "", "%": "", "$": "", "{": "{", "}": "}",
-    "!": "", ",": "", ";": "", ":": "", " ": " ", "quad": " ", "qquad": " ",
-}  # fmt: skip
-_COMMAND = re.compile(r"\\(left\.|right\.|[a-zA-Z]+|.)", re.S)  # "\\" (a matrix row break) is read as one
-_DEGREES = re.compile(r"\^ *(?:\{ *\\circ *\}|\\circ(?![a-zA-Z]))")
-_SYMBOLS = [("≤", "<="), ("≥", ">="), ("≠", "!="), ("−", "-"), ("°", ""), ("%", ""), ("$", ""), ("~", " ")]
-_TEXT = r"\\(?:text|textnormal|textrm|textup|textsf|textbf|textit|mathrm|mathbf|mathit|mathsf|mbox|operatorname)"
-_UNIT_TEXT = re.compile(rf"(?<=[\d}}])\s*{_TEXT}\{{\s*[a-zA-Z][a-zA-Z ]*\}}(?:\^\{{?\d\}}?)?\s*$")
-_WRAPPER = re.compile(rf"{_TEXT}\{{([^{{}}]*)\}}")
-_UNIT_WORDS = re.compile(r"(?<=[\d}])(?:\s+[a-zA-Z]+(?:\^\d)?)+\s*$")
-_AND = re.compile(r",? ?(?<![a-zA-Z\\])and(?![a-zA-Z]) ?")  # 6 and 8, 6, 8, and 9: list separators
-# A left side that only names the answer: x, a_{n}, \theta, f(x), g(2), (p,q), \angle ABC; then = or \in.
-_SYMBOL = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_(?:\{[^{}]*\}|[a-zA-Z0-9]+)|')*"  # one way to split: no backtracking
-_ARGS = rf"\((?:-?\d+|{_SYMBOL})(?: ?, ?(?:-?\d+|{_SYMBOL}))*\)"
-_NAME = rf"(?:{_SYMBOL}(?: ?{_ARGS})?|\({_SYMBOL}(?: ?, ?{_SYMBOL})+\)|(?:m ?)?\\angle ?[A-Z]+)"
-_RELATION = re.compile(r"=|\\in(?![a-zA-Z])")
-_LEFT_SIDE = re.compile(rf"^{_NAME} ?(?:{_RELATION.pattern}) ?")
-# Thousands separators: 1,234 and 1,234,567 (groups of exactly three digits, no space after the comma, no
-# leading 0). Checked before spaces are removed, so the list "32, 349" never becomes 32349.
-_THOUSANDS = re.compile(r"[+-]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
-_NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)"
-# Work units per answers_match call. A unit (one character parsed, or 1/20 of a comparison) took about 60 ns
-# here, so a call stays under ~7 ms; real answers use a few hundred units.
-MATCH_BUDGET = 100_000
+NORMALIZE = [  # (pattern, replacement), in this order, on both answers
+    (r",\\!\s*|\{,\}", ","),  # 1,\!000 and 1{,}000: a thousands comma, before \! goes
+    (r"\\(?:text|textnormal|textrm|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}", r"\1"),  # \text{ cm} -> cm
+    (r"\\[dtc]frac", r"\\frac"),
+    (r"\^\s*\{?\\circ\}?|\\circ|°|\\%|%|\\\$|\$", ""),  # degrees, percent, dollars
+    (r"\\(?:left|right)(?![a-zA-Z])|\\[!,;: ]|\\q?quad|\\displaystyle", ""),  # sizes and spaces
+    (r"(?<=\d)\s+[a-zA-Z]+(?:\^\{?\d\}?)?(?:\s+[a-zA-Z]+)*\.?\s*$", ""),  # units after a number: 5 cm^2
+    (r"^\s*\\?[a-zA-Z]\w*\s*=", ""),  # a leading x = or \theta =
+]
+THOUSANDS = re.compile(r"[+-]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")  # 1,234,567; "32, 349" is a list
+FRAC = re.compile(r"\\frac(\d|\{[^{}]*\})(\d|\{[^{}]*\})")  # \frac12, \frac{1}2, \frac1{2}, \frac{1}{2}
 
 
-def _balanced(s: str) -> bool:
-    depth = 0
-    for char in s:
-        depth += (char == "{") - (char == "}")
-        if depth < 0:
-            return False
-    return depth == 0
-
-
-@functools.lru_cache(maxsize=65536)
-def normalize_answer(answer: str) -> str | None:
-    """Canonical form of an answer (gold or predicted); None if it is empty or unusable. The steps run in order."""
+def normalize(answer: str) -> str:
     s = answer.strip()
-    if "\\boxed" in s or "\\fbox" in s:  # a gold given as \boxed{...}
-        s = extract_boxed(s) or ""
-    if not s or len(s) > MAX_ANSWER_CHARS or not _balanced(s):
-        return None
-    s = re.sub(r",\\! *", ",", s.replace("{,}", ","))  # 11,\! 111 and 1{,}000: thousands, before \! and \{ go
-    s = _DEGREES.sub("", s)  # ^\circ before \circ
-    s = _COMMAND.sub(lambda m: _COMMANDS.get(m[1], m[0]), s)
-    for old, new in _SYMBOLS:  # after the commands, so that \$ and \% are gone before $ and %
-        s = s.replace(old, new)
-    s = _UNIT_TEXT.sub("", s)  # 5\text{ cm}^2 -> 5
-    for _ in range(3):  # \text{\textbf{x}} -> x
-        s = _WRAPPER.sub(r"\1", s)
-    s = _AND.sub(",", " ".join(s.split()))  # spaces collapsed to one: 6 \text{ and } 8 -> 6,8
-    s = _UNIT_WORDS.sub("", s.rstrip("."))  # 10 degrees -> 10
-    if len(_RELATION.findall(s)) == 1:  # f(x) = 5 -> 5, x \in [1,2] -> [1,2], but x+y = 5 stays
-        s = _LEFT_SIDE.sub("", s)
-    if _THOUSANDS.fullmatch(s.strip()):  # spaces still present here
-        s = s.replace(",", "")
+    for pattern, replacement in NORMALIZE:
+        s = re.sub(pattern, replacement, s)
+        s = s.replace(",", "") if THOUSANDS.fullmatch(s.strip()) else s  # while spaces still tell lists apart
     s = re.sub(r"\s+", "", s).rstrip(".")
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
-    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac1{2}
-    s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
-    for _ in range(3):  # (5) -> 5, ((C)) -> C; (1,2) and (1)+(2) keep theirs. 3 layers at most: linear time
-        b = _bracketed(s)
-        if not b or b[0] + b[2] != "()" or len(b[1]) != 1:
-            break
-        s = s[1:-1]
-    return s or None
+    return FRAC.sub(lambda m: "\\frac{%s}{%s}" % (m[1].strip("{}"), m[2].strip("{}")), s)
 
 
 def to_number(s: str) -> float | None:
-    """A finite number from a normalised answer: 12, -0.5, 4.5e33, 4.5\\times10^{33}, \\frac{1}{2}, 3/4."""
-    if len(s) > 60:
-        return None
-    value = None
-    if m := re.fullmatch(_NUM, s):
-        value = float(s)
-    elif m := re.fullmatch(rf"({_NUM})(?:[eE]|\*10\^|\\times10\^|\\cdot10\^)\{{?([+-]?\d+)\}}?", s):
-        value = float(f"{m[1]}e{m[2]}")
-    elif m := re.fullmatch(r"10\^\{?([+-]?\d+)\}?", s):
-        value = float(f"1e{m[1]}")
-    elif m := re.fullmatch(rf"([+-]?)\\frac\{{({_NUM})\}}\{{({_NUM})\}}", s) or re.fullmatch(
-        rf"()({_NUM})/({_NUM})", s
-    ):
-        numerator, denominator = float(m[2]), float(m[3])
-        value = (-1 if m[1] == "-" else 1) * numerator / denominator if denominator else None
-    return value if value is not None and math.isfinite(value) else None
-
-
-def split_top_level(s: str) -> list[str]:
-    """Split on commas outside any brackets: "(1,2),3" -> ["(1,2)", "3"]."""
-    parts, depth, start = [], 0, 0
-    for i, char in enumerate(s):
-        depth += (char in "([{") - (char in ")]}")
-        if char == "," and depth == 0:
-            parts.append(s[start:i])
-            start = i + 1
-    return parts + [s[start:]]
-
-
-def _bracketed(s: str) -> tuple[str, list[str], str] | None:
-    """(open, items, close) when the whole string is one bracketed group: (1,2], [3,4), {5,6}."""
-    if len(s) < 2 or s[0] not in "([{" or s[-1] not in ")]}":
-        return None
-    items, depth, start = [], 0, 1
-    for i, char in enumerate(s):
-        depth += (char in "([{") - (char in ")]}")
-        if depth == 0 and i < len(s) - 1:
-            return None  # (1)+(2): the first bracket closes early
-        if char == "," and depth == 1:
-            items.append(s[start:i])
-            start = i + 1
-    return s[0], items + [s[start:-1]], s[-1]
-
-
-@dataclass
-class _Work:
-    """What one answers_match call knows: the work left, the parts of each string, the result of each pair."""
-
-    budget: int = MATCH_BUDGET
-    parts: dict = field(default_factory=dict)
-    pairs: dict = field(default_factory=dict)
-
-
-def answers_match(pred: str, gold: str) -> bool:
-    """Equality of two normalised answers. Each string is parsed once and each pair compared once per call,
-    within MATCH_BUDGET units of work, so deeply nested sets cannot take exponential time; an answer too
-    big to compare within the budget is judged wrong."""
-    return _match(pred, gold, _Work())
-
-
-def _match(pred: str, gold: str, work: _Work) -> bool:
-    """answers_match inside one call: each pair is compared once, and none once the budget is spent."""
-    if (pred, gold) not in work.pairs:
-        work.budget -= 20  # a comparison costs about as much as parsing 20 characters
-        work.pairs[pred, gold] = work.budget >= 0 and _compare(pred, gold, work)
-    return work.pairs[pred, gold]
-
-
-def _parts(s: str, work: _Work) -> tuple:
-    """(number or None, bracketed group or None, top-level items) of s."""
-    if s not in work.parts:
-        work.budget -= len(s)
-        group = _bracketed(s)
-        work.parts[s] = (to_number(s), group, [s] if group else split_top_level(s))
-    return work.parts[s]
-
-
-def _compare(pred: str, gold: str, work: _Work) -> bool:
-    """Strings, then numbers, then tuples/intervals/sets, then bare lists; the parts go back to _match."""
-    if pred == gold:
-        return True
-    (x, a, items_pred), (y, b, items_gold) = _parts(pred, work), _parts(gold, work)
-    if x is not None and y is not None:
-        if re.fullmatch(r"[+-]?\d+", pred) and re.fullmatch(r"[+-]?\d+", gold):
-            return int(pred) == int(gold)  # integers: exact, whatever their size
-        return math.isclose(x, y, rel_tol=1e-4)  # relative only: 0 is not 4.6e-24
-    if a and b:  # tuples and intervals: bracket types must match; sets are unordered
-        if (a[0], a[2]) != (b[0], b[2]) or len(a[1]) != len(b[1]) or len(a[1]) > 50:
-            return False
-        if a[0] == "{":
-            return _unordered_match(a[1], b[1], work)
-        return all(_match(p, g, work) for p, g in zip(a[1], b[1], strict=True))
-    if 1 < len(items_gold) == len(items_pred) <= 50:  # bare lists: any order
-        return _unordered_match(items_pred, items_gold, work)
-    return False
-
-
-def _unordered_match(preds: list[str], golds: list[str], work: _Work) -> bool:
-    """Every pred pairs with its own gold. Identical strings pair first (cheap, and never a wrong choice),
-    then each remaining pred takes the first unused gold that matches it."""
-    unused, rest = list(golds), []
-    for p in preds:
-        if p in unused:
-            unused.remove(p)
-        else:
-            rest.append(p)
-    for p in rest:
-        hit = next((i for i, g in enumerate(unused) if _match(p, g, work)), None)
-        if hit is None:
-            return False
-        del unused[hit]
-    return True
-
-
-def verify(completion: str, gold: str) -> bool:
-    """True if the last \\boxed{} of the completion equals the gold answer. Never raises."""
+    """A finite number from a normalised answer: 12, -0.5, 4.5e33, 4.5\\times10^{33}, 10^5, 3/4, \\frac{3}{4}."""
+    s = re.sub(r"^(?:([+-]?[\d.]+)\\(?:times|cdot))?10\^\{?([+-]?\d+)\}?$", lambda m: f"{m[1] or 1}e{m[2]}", s)
+    m = re.fullmatch(r"([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}", s) or re.fullmatch(r"([+-]?)([^/]+)/([^/]+)", s)
     try:
-        boxed = extract_boxed(completion)
-        pred = normalize_answer(boxed) if boxed else None
-        target = normalize_answer(str(gold))
-        return pred is not None and target is not None and answers_match(pred, target)
-    except (ValueError, OverflowError, RecursionError):  # a bug must not crash a long run
+        value = (-1 if m[1] == "-" else 1) * float(m[2]) / float(m[3]) if m else float(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def verify(completion: str, gold) -> bool:
+    """Reward: True if the last \\boxed{} of the completion equals the gold answer, as normalised strings or as
+    numbers (integers exactly, else within a relative 1e-4). An empty answer or gold earns nothing. Never raises,
+    never evaluates anything."""
+    boxed = extract_boxed(completion) or ""
+    pred, target = normalize(boxed) if len(boxed) <= MAX_ANSWER_CHARS else "", normalize(str(gold))
+    if not pred or not target or pred == target:
+        return bool(pred) and pred == target
+    x, y = to_number(pred), to_number(target)
+    if x is None or y is None:
         return False
+    if re.fullmatch(r"[+-]?\d+", pred) and re.fullmatch(r"[+-]?\d+", target):
+        return int(pred) == int(target)  # integers: exact, whatever their size
+    return math.isclose(x, y, rel_tol=1e-4)  # relative only: 0 is not 4.6e-24
 
 
 # ----------------------------------------------------------------------------------------------
@@ -762,7 +644,7 @@ DAPO_PREFIX = (
     "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
 )
 DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
-PROBLEM_KEYS, ANSWER_KEYS = ("problem", "question", "prompt"), ("answer", "final_answer", "ground_truth")
+PROBLEM_KEYS, ANSWER_KEYS = ("problem", "question", "prompt"), ("answer", "ground_truth", "solution")
 
 
 def toy_problems() -> list[dict]:
@@ -771,104 +653,57 @@ def toy_problems() -> list[dict]:
     return [{"problem": d * 40, "answer": d} for d in "01"]
 
 
-def row_to_example(row: dict, problem_key: str | None = None, answer_key: str | None = None) -> dict | None:
-    """One dataset row -> {"problem", "answer"}, or None when it has no usable problem or answer."""
-    example = parse_row(row, problem_key, answer_key)
-    return example if isinstance(example, dict) else None
-
-
 def parse_row(row: dict, problem_key: str | None = None, answer_key: str | None = None) -> dict | str:
-    """One dataset row -> {"problem", "answer"}, or why it is unusable. Recognised: problem/question/prompt
-    (a string or a chat list), answer/final_answer/ground_truth, DAPO's reward_model.ground_truth, or the
-    last \\boxed{} of a solution."""
+    """One training row -> {"problem", "answer"}, or why it is unusable. Recognised: problem/question/prompt (a
+    string, or DAPO's chat list), DAPO's reward_model.ground_truth, answer/ground_truth/solution (a bare gold)."""
     problem = next((row[k] for k in ([problem_key] if problem_key else PROBLEM_KEYS) if k in row), None)
     if isinstance(problem, list):  # chat messages: the last user turn
         turns = [m.get("content") for m in problem if isinstance(m, dict) and m.get("role", "user") == "user"]
         problem = turns[-1] if turns else None
-    if answer_key:
-        answer = row.get(answer_key)
-    elif isinstance(row.get("reward_model"), dict):  # DAPO
-        answer = row["reward_model"].get("ground_truth")
-    elif any(k in row for k in ANSWER_KEYS):
-        answer = next((row[k] for k in ANSWER_KEYS if row.get(k) is not None), None)
-    else:  # a worked solution (MATH) or a bare gold (open-r1's DAPO copy)
-        answer = row.get("solution")
-        answer = extract_boxed(answer) if isinstance(answer, str) and "\\boxed" in answer else answer
-    if isinstance(answer, list) and len(answer) == 1:  # OlympiadBench: a list of one
-        answer = answer[0]
-    if isinstance(answer, float) and answer.is_integer():
-        answer = int(answer)  # 27.0 -> "27"
+    answer = row["reward_model"].get("ground_truth") if isinstance(row.get("reward_model"), dict) else None
+    answer = (
+        row.get(answer_key)
+        if answer_key
+        else next((row[k] for k in ANSWER_KEYS if row.get(k) not in (None, "")), answer)
+    )
+    answer = int(answer) if isinstance(answer, float) and answer.is_integer() else answer  # 27.0 -> "27"
     if not isinstance(problem, str) or not problem.strip():
         return "no problem text (or a chat without a user turn)"
-    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-        return f"the gold answer is {'empty' if answer in (None, '') else 'a ' + type(answer).__name__}"
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
+        return f"the gold answer is {'empty' if answer is None or isinstance(answer, str) else 'a ' + type(answer).__name__}"
     problem = problem.strip().removeprefix(DAPO_PREFIX.strip()).removesuffix(DAPO_SUFFIX.strip()).strip()
     return {"problem": problem, "answer": str(answer).strip()}
 
 
-def load_problems(cfg: Config, tokenizer=None) -> list[dict]:
-    """Problems with gold answers from toy, a local file or the Hub, unique by text; with a tokenizer,
-    those whose prompt fits --max-prompt-tokens, with their token ids."""
-    import datasets
-
+def load_problems(cfg: Config, tokenizer) -> list[dict]:
+    """Problems with gold answers, unique by text, whose prompt fits --max-prompt-tokens, with their token ids:
+    toy, a local .jsonl (read here: an error names its line), .json or .parquet file, or a Hub dataset."""
     path, kind = Path(cfg.dataset), {".json": "json", ".parquet": "parquet"}.get(Path(cfg.dataset).suffix)
-    if path.suffix in (".jsonl", ".json", ".parquet") and not path.is_file():
-        sys.exit(f"--dataset {path}: no such file")
-    if path.exists() and path.suffix not in (".jsonl", ".json", ".parquet"):
-        sys.exit(f"--dataset {path}: local files are read as .jsonl, .json (a list of objects) or .parquet")
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read: our one line says so
-    try:
-        if cfg.dataset == "toy":
-            rows = toy_problems()
-        elif path.suffix == ".jsonl":  # read here: an error names the line
-            rows = [row for _, row in jsonl_objects(path)[0]]
-        else:  # datasets reads .json and .parquet files, and the Hub
-            rows = list(datasets.load_dataset(kind, data_files=str(path), split="train") if kind else
-                        datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split))  # fmt: skip
-    except Exception as e:  # pyarrow's and the Hub's many error types: one line that says what to do
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        hub = "Offline? Pass a local file: --dataset path/to/file.jsonl, or --model tiny --dataset toy"
-        what = "cannot be read" if kind else "could not load it from the Hugging Face Hub"
-        sys.exit(f"--dataset {cfg.dataset}: {what} ({why}); {'check the file' if kind else hub}")
-    if not rows:
-        sys.exit(f"--dataset {cfg.dataset}: the file is empty")
-    examples = rows if cfg.dataset == "toy" else usable_examples(rows, cfg)
-    if tokenizer is None:
-        return examples
-    problems = [{**e, "prompt_ids": encode_prompt(e["problem"], tokenizer, cfg.prompt_format)} for e in examples]
+    if path.is_file() and not kind and path.suffix != ".jsonl":
+        raise ValueError("local files are .jsonl, .json or .parquet")
+    if cfg.dataset == "toy" or path.suffix == ".jsonl":
+        rows = toy_problems() if cfg.dataset == "toy" else read_jsonl(path, torn_tail_ok=False)
+    else:
+        import datasets
+
+        datasets.disable_progress_bars()
+        rows = list(datasets.load_dataset(kind, data_files=str(path), split="train") if kind else
+                    datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split))  # fmt: skip
+    parsed = [parse_row(row, cfg.problem_key, cfg.answer_key) for row in rows]
+    skipped = [f"row {n}: {why}" for n, why in enumerate(parsed, 1) if isinstance(why, str)]
+    unique = {e["problem"]: e for e in parsed if isinstance(e, dict)}  # the Hub's DAPO repeats each ~100 times
+    if not unique:
+        columns = sorted(rows[0]) if rows else []
+        raise ValueError(f"no usable row ({skipped[0] if skipped else 'empty'}); its columns are {columns}: name "
+                         "them with --problem-key and --answer-key")
+    problems = [{**e, "prompt_ids": encode_prompt(e["problem"], tokenizer, cfg.prompt_format)} for e in unique.values()]
     fitting = [p for p in problems if len(p["prompt_ids"]) <= cfg.max_prompt_tokens]
+    print(f"data: {len(fitting)} problems from {cfg.dataset}; skipped: {len(skipped)} unusable rows"
+          f"{f' (first: {skipped[0]})' if skipped else ''}, {len(problems) - len(fitting)} longer prompts")  # fmt: skip
     if not fitting:
         shortest = min(len(p["prompt_ids"]) for p in problems)
         sys.exit(f"--max-prompt-tokens {cfg.max_prompt_tokens}: no prompt fits (the shortest has {shortest} tokens)")
-    print(f"data: {len(fitting)} problems with prompts of at most {cfg.max_prompt_tokens} tokens")
     return fitting
-
-
-def usable_examples(rows, cfg: Config) -> list[dict]:
-    """Examples of the usable rows, unique by problem; the rows skipped are counted, with the first reason."""
-    columns = set().union(*(row.keys() for row in rows[:100]))
-    for key, flag in ((cfg.problem_key, "--problem-key"), (cfg.answer_key, "--answer-key")):
-        if key and key not in columns:
-            sys.exit(f"{flag} {key!r} is not a column of {cfg.dataset}; columns: {sorted(columns)}")
-    if not (cfg.problem_key or set(PROBLEM_KEYS) & columns) or not (
-        cfg.answer_key or {*ANSWER_KEYS, "reward_model", "solution"} & columns
-    ):
-        sys.exit(f"{cfg.dataset}: no problem/answer columns recognised among {sorted(columns)}; "
-                 "name them with --problem-key and --answer-key")  # fmt: skip
-    examples, seen, skipped = [], set(), []
-    for number, row in enumerate(rows, 1):
-        example = parse_row(row, cfg.problem_key, cfg.answer_key)
-        if isinstance(example, str):
-            skipped.append(f"row {number}: {example}")
-        elif example["problem"] not in seen:  # the Hub's DAPO-Math-17k repeats each problem ~100x
-            seen.add(example["problem"])
-            examples.append(example)
-    first = f"; first: {skipped[0]}" if skipped else ""
-    print(f"data: {len(examples)} problems from {cfg.dataset} ({len(skipped)} unusable rows skipped{first})")
-    if not examples:
-        sys.exit(f"--dataset {cfg.dataset}: no usable rows{first}")
-    return examples
 
 
 def build_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> str:
@@ -876,14 +711,13 @@ def build_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> str:
     content = f"{problem}\n\n{INSTRUCTION}"
     if prompt_format == "plain":
         return content + "\n\n"
-    messages = [{"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
 
 
 def encode_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> torch.Tensor:
     """Token ids of build_prompt's text; the template already holds any special tokens."""
-    text = build_prompt(problem, tokenizer, prompt_format)
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return torch.tensor(tokenizer(build_prompt(problem, tokenizer, prompt_format), add_special_tokens=False).input_ids)
 
 
 def pick_problems(problems: list, step: int, cfg: Config) -> list:
@@ -904,34 +738,24 @@ def pick_problems(problems: list, step: int, cfg: Config) -> list:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: str = "rollouts",
-             kv_cache_bytes: float | None = None) -> Rollouts:  # fmt: skip
-    """One sampled completion per prompt, in as few generate calls as the KV-cache budget allows."""
+def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: str = "rollouts") -> Rollouts:
+    """One sampled completion per prompt, --generate-batch sequences per generate call (0: all in one)."""
     from transformers import GenerationConfig
 
     device, eos = next(model.parameters()).device, eos_token_ids(model, tokenizer)
     gen_config = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                                   max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    chunk = sequences_per_generate(model, max(len(p) for p in prompts), cfg, kv_cache_bytes)
-    calls, completions, was_training = math.ceil(len(prompts) / chunk), [], model.training
+    per_call, completions, was_training = cfg.generate_batch or len(prompts), [], model.training
+    calls = math.ceil(len(prompts) / per_call)
     progress = DecodeProgress(f"{desc} ({len(prompts)} sequences, {calls} calls)", calls, cfg.max_new_tokens)
-    with progress, unsharded(model.eval()):  # FSDP2: whole weights (bf16 with autocast) on every rank
-        # bf16: sample from a bf16 copy, not under autocast, so that keys and values are both bf16 (Qwen3's
-        # fp32 q/k-norm weights make autocast's keys fp32) and no decoding step pays for casts.
-        copy = uses_bf16(cfg, device) and next(model.parameters()).dtype != torch.bfloat16
-        sampler = bf16_copy(model) if copy else model
-        for start in range(0, len(prompts), chunk):
-            ids, mask = left_pad(prompts[start : start + chunk], tokenizer.pad_token_id)
-            out = sampler.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                streamer=progress,
-                generation_config=gen_config,
-                synced_gpus=False,
-            )  # (b, L + new); unsharded: no sync
+    with progress, sampling_weights(model.eval(), uses_bf16(cfg, device)) as sampler:
+        for start in range(0, len(prompts), per_call):
+            stop_point()  # nothing of this step was applied yet: a stop can drop it whole
+            ids, mask = left_pad(prompts[start : start + per_call], tokenizer.pad_token_id)
+            out = sampler.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=progress,
+                                   generation_config=gen_config, synced_gpus=False)  # (b, L + new)  # fmt: skip
             completions += list(out[:, ids.shape[1] :].cpu())
-        del sampler  # the copy lives for one call: its memory serves the update
     model.train(was_training)
     # Cut each completion after its first EOS, which stays in (it is the answer's last action).
     width = max(1, max(len(c) for c in completions))
@@ -945,24 +769,43 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
     return Rollouts(prompts, tokens, completion_mask, truncated)
 
 
-def bf16_copy(model):
-    """A bf16 copy of the policy for sampling, made from the fp32 master weights (so it follows every
-    optimizer step); tied weights stay one tensor, buffers (rotary frequencies) are shared in fp32."""
-    with torch.device("meta"):
-        copy = type(model)(model.config)
-    state = model.state_dict()
-    cast = {t.data_ptr(): t.to(torch.bfloat16) for t in {t.data_ptr(): t for t in state.values()}.values()}
-    copy.load_state_dict({name: cast[t.data_ptr()] for name, t in state.items()}, assign=True)
-    for name, buffer in model.named_buffers():
-        module, _, attr = name.rpartition(".")
-        setattr(copy.get_submodule(module), attr, buffer)
-    copy.generation_config = model.generation_config
-    return copy.eval()
+@contextmanager
+def sampling_weights(model, bf16: bool):
+    """The policy that generate samples from. Under FSDP2: the whole weights gathered on every rank (bf16 with bf16
+    compute), so generate runs no collective per token and a rank whose answers end early never waits inside a
+    forward. In one process with bf16: a bf16 copy of the fp32 master weights, made at every step and not autocast
+    (Qwen3's fp32 q/k-norm weights make autocast's keys fp32); tied weights stay one tensor, buffers are shared."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if groups := [m for m in model.modules() if isinstance(m, FSDPModule)]:
+        model.set_reshard_after_forward(False)
+        for group in groups:
+            group.unshard()
+        try:
+            yield model
+        finally:
+            for group in groups:
+                group.reshard()
+            model.set_reshard_after_forward(True)
+            model.set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root
+    elif bf16 and next(model.parameters()).dtype != torch.bfloat16:
+        with torch.device("meta"):
+            copy = type(model)(model.config)
+        state = model.state_dict()
+        cast = {t.data_ptr(): t.to(torch.bfloat16) for t in {t.data_ptr(): t for t in state.values()}.values()}
+        copy.load_state_dict({name: cast[t.data_ptr()] for name, t in state.items()}, assign=True)
+        for name, buffer in model.named_buffers():
+            module, _, attr = name.rpartition(".")
+            setattr(copy.get_submodule(module), attr, buffer)
+        copy.generation_config = model.generation_config
+        yield copy.eval()  # freed once the step's calls are done: its memory serves the update
+    else:
+        yield model
 
 
 class DecodeProgress(tqdm):
-    """Decoding steps, as a generate() streamer: a bar in a terminal; in a log file, a status every 30 s
-    once the work has run that long (short work prints nothing)."""
+    """generate()'s streamer: decoding steps as a bar in a terminal; in a log file, a status every 30 s once
+    the work has run that long."""
 
     def __init__(self, desc: str, calls: int, max_new_tokens: int, every: float = 30.0):
         every = 0.1 if sys.stderr.isatty() else every
@@ -980,11 +823,9 @@ class DecodeProgress(tqdm):
 
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends an answer: Qwen3-Base stops on <|endoftext|>, chat turns end on <|im_end|>."""
-    configured = model.generation_config.eos_token_id
+    configured, im_end = model.generation_config.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    ids |= {im_end} if isinstance(im_end, int) and im_end != tokenizer.unk_token_id else set()
-    return sorted(i for i in ids if i is not None)
+    return sorted(i for i in ids | {im_end} if isinstance(i, int) and i != tokenizer.unk_token_id)
 
 
 def build_tiny_tokenizer():
@@ -1037,70 +878,76 @@ def teach_format(model, tokenizer, steps: int = 300):
 
 
 def load_model_config(name: str):
-    """The model's config alone (config.json of a folder or a Hub id): enough for the memory plan."""
     from transformers import AutoConfig
 
-    return tiny_config() if name in TINY else from_hub(lambda: AutoConfig.from_pretrained(name), name)
+    return tiny_config() if name in TINY else AutoConfig.from_pretrained(name)
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    tokenizer = build_tiny_tokenizer() if name in TINY else from_hub(lambda: AutoTokenizer.from_pretrained(name), name)
+    tokenizer = build_tiny_tokenizer() if name in TINY else AutoTokenizer.from_pretrained(name)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return tokenizer
 
 
 def load_model(name: str, device: torch.device, tokenizer, seed: int = 0, dtype=torch.float32):
-    """The policy, in fp32 to train: at lr 1e-6, bf16 master weights would drop the update (eval: bf16)."""
+    """The policy, in fp32 to train whatever its config says: at lr 1e-6, bf16 weights drop the update."""
     from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
-    if name in TINY:
-        torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(tiny_config())
-        return (teach_format(model, tokenizer) if name == "tiny-sft" else model).to(device, dtype)
-    load = lambda: AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)  # noqa: E731
-    return from_hub(load, name).to(device)
+    if name not in TINY:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True).to(device)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(tiny_config())
+    return (teach_format(model, tokenizer) if name == "tiny-sft" else model).to(device, dtype)
 
 
 def load_policy(name: str, device: torch.device, seed: int = 0, dtype=torch.float32):
     """(model, tokenizer); the model in fp32 unless dtype says otherwise."""
-    tokenizer = load_tokenizer(name)
-    return load_model(name, device, tokenizer, seed, dtype), tokenizer
+    with loading("--model", name):
+        tokenizer = load_tokenizer(name)
+        return load_model(name, device, tokenizer, seed, dtype), tokenizer
 
 
-def from_hub(load, name: str):
-    """load(), with one line instead of a traceback for a missing folder, an unreachable Hub or a damaged file."""
-    flag, path = "--resume" if (Path(name) / "trainer_state.pt").exists() else "--model", Path(name)
-    if not path.exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
-        sys.exit(f"{flag} {name}: no such folder (a path, not a Hub id like Qwen/Qwen3-1.7B-Base)")
-    if path.is_dir() and not (path / "config.json").exists():
-        latest = max(checkpoints(path), key=checkpoint_step, default=None)
-        sys.exit(f"{flag} {name}: no config.json in it, so not a model folder"
-                 + (f" (a run folder: pass one of its checkpoints, e.g. {latest})" if latest else ""))  # fmt: skip
+@functools.cache
+def hub_status(name: str, kind: str = "model") -> str:
+    """ "found", or why a Hub id cannot be had: one request of seconds, no retries."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
     try:
-        return load()
-    except Exception as e:  # a local folder, whatever its damage (safetensors, json, ...): one line
-        if path.exists():
-            sys.exit(f"{flag} {name}: cannot be loaded from it ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        if not isinstance(e, (OSError, ValueError, ConnectionError)):
-            raise  # not a loading failure: a bug, shown whole
-        sys.exit(f"{flag} {name}: could not load it from the Hugging Face Hub ({type(e).__name__}). Offline? Download "
-                 "it where the Hub is reachable and pass the folder: --model path/to/folder. Without any download: "
-                 "python stapo.py --model tiny --dataset toy")  # fmt: skip
+        getattr(HfApi(), f"{kind}_info")(name, timeout=10)
+        return "found"
+    except HFValidationError:
+        return "it is not a Hub id either (namespace/name)"
+    except RepositoryNotFoundError:
+        return f"the Hugging Face Hub has no {kind} of that name"
+    except Exception as e:  # no network, a proxy, a time-out
+        return f"the Hugging Face Hub cannot be reached ({type(e).__name__})"
 
 
-def quiet_libraries():
-    """No progress bars for saving and loading (ours show the rollouts), and each Hub warning once: an
-    offline Hub otherwise repeats two lines per retry before the one line that says what to do."""
-    import logging
+@contextmanager
+def loading(flag: str, name: str, kind: str = "model"):
+    """What fails inside is one line naming the flag, not a traceback. A name that is no local path is a Hub id,
+    asked for once (seconds, no retries); if the Hub cannot be reached, only the local Hugging Face cache is tried."""
+    from huggingface_hub import constants
 
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    seen = set()  # "Retrying in 2s [Retry 2/5]" is "Retrying in 1s [Retry 1/5]" again
-    once = lambda record: (text := re.sub(r"\d+", "N", record.getMessage())) not in seen and not seen.add(text)  # noqa: E731
-    logging.getLogger("huggingface_hub.utils._http").addFilter(once)
+    local = name in (*TINY, "toy") or Path(name).exists()
+    status = None if local else "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else hub_status(name, kind)
+    cache = status is not None and ("OFFLINE" in status or "cannot be reached" in status)
+    if cache:  # from here on, no request and no retries
+        os.environ["HF_HUB_OFFLINE"], constants.HF_HUB_OFFLINE = "1", True
+    try:
+        if status not in (None, "found") and not cache:
+            raise FileNotFoundError(status)
+        yield
+    except Exception as e:  # a damaged file (json, safetensors, parquet, ...), or a name found nowhere
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+        if status not in (None, "found"):
+            why = f"no local file or folder of that name here, and {status}" + cache * "; nor is it in the local cache"
+        elif latest := latest_checkpoint(Path(name)):
+            why = f"a run folder: pass one of its checkpoints, e.g. {latest}"
+        sys.exit(f"{flag} {name}: {why}")
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -1108,184 +955,110 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------
-# D. Command line, run folders, checkpoints, log files, trackers
-
-AT_LEAST_1 = ("prompts_per_step", "max_prompt_tokens", "max_new_tokens", "steps", "mini_batches", "gpus",
-              "micro_batch_tokens", "save_every", "dist_timeout_min")  # fmt: skip
-AT_LEAST_0 = ("kv_cache_gb", "gpu_memory_gb", "warmup_steps", "weight_decay", "logit_chunk", "log_samples", "eps_high")
-RULES = {  # flag: (allowed?, what is allowed)
-    "group_size": (lambda v: v >= 2, "at least 2: advantages compare the samples of a group"),
-    "temperature": (lambda v: v > 0, "above 0"), "lr": (lambda v: v > 0, "above 0"),
-    "grad_clip": (lambda v: v > 0, "above 0"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "tau_p": (lambda v: 0 < v < 1, "a probability in (0, 1); the paper uses 0.002"),
-    "q": (lambda v: 0 <= v <= 1, "a quantile in [0, 1]; the paper uses 0.75"),
-    "entropy_top": (lambda v: 0 < v <= 1, "a share in (0, 1]"), "eps_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "dual_clip": (lambda v: v == 0 or v > 1, "0 (off) or above 1; veRL uses 3"),
-    "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu, cuda or cuda:N"),
-    **{name: (lambda v: v >= 1, "at least 1") for name in AT_LEAST_1},
-    **{name: (lambda v: v >= 0, "at least 0") for name in AT_LEAST_0},
-}  # fmt: skip
-
-
-def parse_args(argv=None) -> Config:
-    """Flags from the dataclass, each bad value named in one line before anything loads. With --resume,
-    the checkpoint's saved config is the base and the flags given go on top."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(Config, description=__doc__.split("\n")[0], epilog="curves: python plot.py RUN_DIR ...")
-    parser.error = lambda message: parser.exit(2, f"stapo.py: error: {message}\n")  # one line; --help has usage
-    argv = sys.argv[1:] if argv is None else argv
-    args, flags = vars(parser.parse_args(argv)), {a.split("=")[0][2:].replace("-", "_") for a in argv if a[:2] == "--"}
-    given = {k: v for k, v in args.items() if k in flags}
-    base = saved_config(Path(given["resume"]), given, parser.error) if given.get("resume") else {}
-    tiny = TINY_DEFAULTS if given.get("model", base.get("model")) in TINY else {}  # CPU-sized unless given
-    cfg = Config(**{**args, **tiny, **base, **given})
-    errors = []
-    for name, (ok, allowed) in RULES.items():
-        value = getattr(cfg, name)
-        if isinstance(value, float) and not math.isfinite(value) or not ok(value):
-            finite = isinstance(value, str) or math.isfinite(value)
-            errors.append(f"--{name.replace('_', '-')} {value}: must be {allowed if finite else 'a finite number'}")
-    for f in (f for f in dataclasses.fields(Config) if getattr(f.type, "__origin__", None) is Literal):
-        if getattr(cfg, f.name) not in f.type.__args__:  # a saved config is not checked by argparse
-            errors.append(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}: must be one of {f.type.__args__}")
-    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun: each process holds whole groups of every mini-batch
-    if cfg.prompts_per_step % (max(1, cfg.mini_batches) * world):
-        errors.append(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by --mini-batches "
-                      f"{cfg.mini_batches}" + (f" x {world} processes" if world > 1 else ""))  # fmt: skip
-    if cfg.device.startswith("cuda") and not torch.cuda.device_count() > int(cfg.device[5:] or 0):
-        errors.append(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA devices")
-    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
-        errors.append(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
-    for error in errors:
-        parser.error(error)
-    return cfg
-
-
-def saved_config(ckpt: Path, given: dict, error) -> dict:
-    """The config a checkpoint was trained with, checked against the flags given with --resume."""
-    if not (ckpt / "trainer_state.pt").exists() or checkpoint_step(ckpt) < 0:
-        error(f"--resume {ckpt}: " + ("not a checkpoint folder (step-N with a trainer_state.pt, as this trainer "
-                                      "writes them)" if ckpt.is_dir() else "no such folder"))  # fmt: skip
-    try:
-        base = json.loads((ckpt / "stapo_config.json").read_text())
-        if not (isinstance(base, dict) and "model" in base):
-            raise ValueError
-    except (OSError, ValueError):
-        error(f"--resume {ckpt}: its stapo_config.json is missing or damaged; resume from another checkpoint")
-    saved, world = base.pop("world_size", 1), int(os.environ.get("WORLD_SIZE", 1))
-    if saved != world:
-        error(f"--resume {ckpt}: written by {saved} process(es), resumed by {world}; an exact resume needs the "
-              f"same number: torchrun --nproc_per_node {saved}")  # fmt: skip
-    if given.get("model", base["model"]) != base["model"]:
-        error(f"--model {given['model']}: {ckpt} holds weights trained from {base['model']}, and those are what "
-              "resumes; drop --model, or start a new run")  # fmt: skip
-    if given.get("steps", base["steps"]) <= checkpoint_step(ckpt):
-        error(f"--steps {given.get('steps', base['steps'])}: {ckpt} is at step {checkpoint_step(ckpt)} already, and "
-              "--steps counts all the steps of the run; give more")  # fmt: skip
-    names = {f.name for f in dataclasses.fields(Config)}
-    return {k: v for k, v in base.items() if k in names} | {"output_dir": str(ckpt.parent)}  # its own run, unless given
-
+# D. Run folder, checkpoints, log files, command line
 
 LOG_FILES = ("metrics.jsonl", "samples.jsonl", "spurious.jsonl")
 
 
-def checkpoints(run: Path) -> list[Path]:
-    return [p for p in run.glob("step-*") if (p / "trainer_state.pt").exists()]
+def checkpoint_step(path) -> int:
+    """N of a checkpoint folder step-N (one with a trainer_state.pt), else -1."""
+    match = re.fullmatch(r"step-(\d+)", Path(path).name)
+    return int(match[1]) if match and (Path(path) / "trainer_state.pt").exists() else -1
 
 
-def checkpoint_step(ckpt: Path) -> int:
-    match = re.fullmatch(r"step-(\d+)", Path(ckpt).name)
-    return int(match[1]) if match else -1
+def latest_checkpoint(run: Path) -> Path | None:
+    return max((p for p in run.glob("step-*") if checkpoint_step(p) >= 0), key=checkpoint_step, default=None)
 
 
 def check_run_folder(cfg: Config) -> bool:
-    """One run, one folder. --resume continues in the checkpoint's own folder from its latest checkpoint
-    only; from an earlier one it branches into a new --output-dir. Returns whether this run continues."""
-    out, ckpt = Path(cfg.output_dir), Path(cfg.resume) if cfg.resume else None
-    latest = max(checkpoints(out), key=checkpoint_step, default=None)
-    if ckpt and out.resolve() == ckpt.parent.resolve():
-        if latest.resolve() != ckpt.resolve():
-            sys.exit(f"--resume {ckpt}: {out} has a later checkpoint, {latest.name}; continuing here would mix two "
-                     "histories. Branch into a new folder: --output-dir NEW_FOLDER")  # fmt: skip
+    """One run, one folder: --resume continues in the checkpoint's own folder from its latest checkpoint only, or
+    branches into a new --output-dir; a new run needs a folder without one. True if this run continues."""
+    out, latest = Path(cfg.output_dir), latest_checkpoint(Path(cfg.output_dir))
+    if cfg.resume and out.resolve() == Path(cfg.resume).parent.resolve():
+        if latest.resolve() != Path(cfg.resume).resolve():
+            sys.exit(f"--resume {cfg.resume}: {out} has a later checkpoint, {latest.name}; continuing here would mix "
+                     "two histories. Branch into a new folder: --output-dir NEW_FOLDER")  # fmt: skip
         return True
-    if latest:
-        sys.exit(f"--output-dir {out} already holds a run; continue it with --resume {latest}, or give a new one")
-    if any((out / n).exists() for n in (*LOG_FILES, "stapo_config.json")):
-        sys.exit(f"--output-dir {out} holds the records of a run that stopped before its first checkpoint; there is "
-                 "nothing to resume: move the folder away or give a new --output-dir")  # fmt: skip
+    if latest or any((out / n).exists() for n in (*LOG_FILES, "stapo_config.json")):
+        sys.exit(f"--output-dir {out} already holds a run" + (f"; continue it with --resume {latest}" if latest else
+                 " that stopped before its first checkpoint (nothing to resume)") + ", or give a new one")  # fmt: skip
     return False
 
 
 def open_run_folder(cfg: Config, same_run: bool) -> Path:
-    """The run folder with stapo_config.json. Nothing is deleted: in the same run, records of steps after the
-    checkpoint (the stop lost them) go to <name>.after-step-N.jsonl; a branch starts with its parent's
-    records up to the checkpoint."""
-    out, ckpt = Path(cfg.output_dir), Path(cfg.resume) if cfg.resume else None
+    """The run folder and its stapo_config.json. Continuing, the records a stop left after the checkpoint (and a
+    line cut short) move to <name>.after-step-N.jsonl: log files only grow, nothing is deleted."""
+    out, step = Path(cfg.output_dir), checkpoint_step(cfg.resume or "")
     out.mkdir(parents=True, exist_ok=True)
-    for name in LOG_FILES if ckpt else ():
-        source, step = (out if same_run else ckpt.parent) / name, checkpoint_step(ckpt)
-        records = read_jsonl(source) if source.exists() else []
+    for path in (out / name for name in LOG_FILES if same_run and (out / name).exists()):
+        data, records = path.read_bytes(), read_jsonl(out / path.name)
         kept = [r for r in records if r["step"] <= step]
-        torn = source.exists() and not source.read_bytes().endswith(b"\n") and source.stat().st_size > 0
-        changed = len(kept) < len(records) or torn  # records after the checkpoint, or a line a kill cut short
-        if same_run and changed:
-            append_jsonl(out / f"{name[:-6]}.after-step-{step:06d}.jsonl", records[len(kept) :])
-        if changed or not same_run:
-            replace_file(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    branch = {"branched_from": str(ckpt.resolve())} if ckpt and not same_run else {}
+        if len(kept) < len(records) or data and not data.endswith(b"\n"):
+            append_jsonl(path.with_suffix(f".after-step-{step:06d}.jsonl"), records[len(kept) :])
+            replace_file(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    branch = {"branched_from": str(Path(cfg.resume).resolve())} if cfg.resume and not same_run else {}
     replace_file(out / "stapo_config.json", json.dumps(dataclasses.asdict(cfg) | branch, indent=2))
     print(f"config: {out / 'stapo_config.json'}")
     return out
 
 
-def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: int) -> Path:
-    """Write out/step-N atomically: a temporary folder, then one rename. A failed write (a full disk) removes
-    it and stops with one line naming the last good checkpoint. Under torchrun every rank calls it; rank 0
-    writes, and the optimizer state is saved sharded."""
-    out, (rank, world) = Path(cfg.output_dir), rank_and_world()
+def rng_states() -> dict:
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"torch": torch.get_rng_state(), "python": random.getstate()} | cuda
+
+
+def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: int, rng: dict) -> Path:
+    """out/step-N, written whole or not at all: a temporary folder, then one rename; a failed write stops with
+    one line naming the last good checkpoint. Under torchrun every rank calls it: torch's state-dict helpers
+    gather the whole weights and optimizer state on rank 0, which writes the files one process writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    out, (rank, world), whole = Path(cfg.output_dir), rank_and_world(), StateDictOptions(full_state_dict=True,
+                                                                                         cpu_offload=True)  # fmt: skip
     final, tmp = out / f"step-{step:06d}", out / f".tmp-step-{step:06d}"
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    rng |= {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    weights, optim = (
+        get_model_state_dict(model, options=whole),
+        get_optimizer_state_dict(model, optimizer, options=whole),
+    )
+    rngs = all_records([rng])
     try:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        barrier()
-        weights, rngs = sharded_state(model, optimizer, tmp), all_records([rng])
-        if rank == 0:
-            model.save_pretrained(tmp, state_dict=weights)  # safetensors; weights None: the model's own
+            if getattr(model.config, "tie_word_embeddings", False):
+                weights.pop("lm_head.weight", None)  # the same tensor as the embeddings
+            model.save_pretrained(tmp, state_dict=weights)  # safetensors
             tokenizer.save_pretrained(tmp)
-            state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rngs if world > 1 else rng}
-            torch.save(state | ({"optimizer": optimizer.state_dict()} if world == 1 else {}), tmp / "trainer_state.pt")
-            replace_file(
-                tmp / "stapo_config.json", json.dumps(dataclasses.asdict(cfg) | {"world_size": world}, indent=2)
-            )
+            torch.save(optim, tmp / "optimizer.pt")
+            torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rngs}, tmp / "trainer_state.pt")
+            (tmp / "stapo_config.json").write_text(json.dumps(dataclasses.asdict(cfg) | {"world_size": world}))
             os.replace(tmp, final)
-    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        why = "the disk is full" if "No space left" in str(e) or getattr(e, "errno", None) == 28 else "the write failed"
-        last = max(checkpoints(out), key=checkpoint_step, default=None)
-        sys.exit(f"could not save {final}: {why} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                 f"the last good checkpoint is {last or 'none yet'}")  # fmt: skip
-    barrier()
+    except (OSError, RuntimeError) as e:  # a full disk, say (torch reports it as a RuntimeError)
+        sys.exit(f"could not save {final} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the last good "
+                 f"checkpoint is {latest_checkpoint(out) or 'none yet'}")  # fmt: skip
+    finally:  # a failed or interrupted write leaves no temporary folder behind
+        if rank == 0:  # the writer's alone: another rank would remove it under the writer's feet
+            shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
     return final
 
 
-def restore_trainer_state(cfg: Config, model, optimizer, scheduler) -> int:
+def restore(cfg: Config, model, optimizer, scheduler) -> int:
     """Optimizer, schedule and RNG of the checkpoint, then this run's --lr, --weight-decay and --warmup-steps.
     Returns the step to continue from."""
-    path = Path(cfg.resume) / "trainer_state.pt"
-    try:
-        state = torch.load(path, weights_only=True)  # tensors and numbers only: nothing is executed
-        if dist.is_initialized():
-            load_sharded_optimizer(model, optimizer, path.parent)
-        else:
-            optimizer.load_state_dict(state["optimizer"])
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    path, (rank, world) = Path(cfg.resume), rank_and_world()
+    try:  # weights_only: tensors and numbers, nothing executed (never weights_only=False, as torch suggests)
+        state = torch.load(path / "trainer_state.pt", weights_only=True)
+        optim = torch.load(path / "optimizer.pt", weights_only=True, mmap=True) if rank == 0 else {}
+        whole = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) if world > 1 else None
+        set_optimizer_state_dict(model, optimizer, optim, options=whole)  # each rank takes its shards
         scheduler.load_state_dict(state["scheduler"])
-    except Exception as e:  # a damaged file: torch's own message would suggest weights_only=False, never do that
-        sys.exit(f"{path}: not a readable trainer state ({type(e).__name__}); resume from an earlier checkpoint")
-    rng = state["rng"][rank_and_world()[0]] if isinstance(state["rng"], list) else state["rng"]  # one per rank
+        rng = state["rng"][rank]
+    except Exception as e:
+        sys.exit(f"--resume {path}: not a readable trainer state ({type(e).__name__}); resume from another checkpoint")
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -1294,44 +1067,35 @@ def restore_trainer_state(cfg: Config, model, optimizer, scheduler) -> int:
     for group in optimizer.param_groups:
         group.update(initial_lr=cfg.lr, lr=cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch),
                      weight_decay=cfg.weight_decay)  # fmt: skip
-    print(f"resumed from {cfg.resume} at step {state['step']}")
+    print(f"resumed from {path} at step {state['step']}")
     return state["step"]
 
 
-def jsonl_objects(path: Path, torn_tail_ok: bool = False) -> tuple[list[tuple[int, dict]], int]:
-    """(line number, object) of each non-blank line, and the byte length of the lines kept. Anything but one
-    JSON object per UTF-8 line is a one-line SystemExit naming file and line; with torn_tail_ok, a last line
-    that a kill during an append cut short (no newline, does not parse) is dropped with a warning instead."""
-    data = path.read_bytes()
-    lines, objects = data.split(b"\n"), []  # the last item is b"" when the file ends with a newline
+def read_jsonl(path: Path, torn_tail_ok: bool = True) -> list[dict]:
+    """One JSON object per UTF-8 line; anything else is one line naming file and line, except a last line that a
+    kill during an append cut short (no newline), dropped with a warning if torn_tail_ok."""
+    lines, records = path.read_bytes().split(b"\n"), []  # the last item is b"" when the file ends with a newline
     for n, line in enumerate(lines, 1):
         try:
-            obj = json.loads(line.decode("utf-8")) if line.strip() else {}
-            problem = None if isinstance(obj, dict) else f"a JSON {type(obj).__name__}, not an object"
-        except UnicodeDecodeError as e:
-            problem = f"not UTF-8 (byte {line[e.start]:#x} at column {e.start + 1})"
-        except json.JSONDecodeError as e:
-            problem = f"not JSON ({e.msg} at column {e.colno})"
-        if problem and torn_tail_ok and n == len(lines):
+            record = json.loads(line.decode()) if line.strip() else {}
+        except ValueError as e:  # not UTF-8, or not JSON
+            record = e
+        if not isinstance(record, dict) and torn_tail_ok and n == len(lines):
             print(f"warning: {path}: line {n} is cut short (a crash while writing?); dropped", file=sys.stderr)
-            return objects, len(data) - len(line)
-        if problem:
-            sys.exit(f"{path}: line {n}: {problem}")
-        objects += [(n, obj)] if line.strip() else []
-    return objects, len(data)
+        elif not isinstance(record, dict):
+            why = record if isinstance(record, ValueError) else f"a JSON {type(record).__name__}"
+            sys.exit(f"{path}: line {n}: not a JSON object ({why})")
+        elif line.strip():
+            records.append(record)
+    return records
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a log file; a torn last line is dropped with a warning."""
-    return [record for _, record in jsonl_objects(path, torn_tail_ok=True)[0]]
-
-
-def replace_file(path: Path, data: str | bytes):
+def replace_file(path: Path, data: str):
     """Replace a file whole or not at all: a temporary file beside it, flushed to disk, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")  # the same folder, so os.replace is a rename
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with tmp.open("wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1347,158 +1111,170 @@ def append_jsonl(path: Path, records: list[dict]):
         os.fsync(f.fileno())
 
 
-class Tracker(NamedTuple):
-    log: Callable[[dict, int], None]  # (metrics, step)
-    finish: Callable[[], None]
+STOP = []  # the signals received; the first asks the run to stop at the next safe point
 
 
-def open_tracker(cfg: Config, config: dict) -> Tracker:
-    """--report-to: one shape for all (init, log the numeric metrics of each step, finish); optional packages."""
-    numbers = lambda metrics: {k: v for k, v in metrics.items() if k != "step" and isinstance(v, int | float)}  # noqa: E731
-    out = Path(cfg.output_dir)
-    try:
-        if cfg.report_to == "none":
-            return Tracker(lambda metrics, step: None, lambda: None)
-        if cfg.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter  # raises ImportError without the tensorboard package
-
-            writer = SummaryWriter(log_dir=str(out / "tensorboard"))
-            writer.add_text("config", json.dumps(config, indent=2))
-            print(f"tensorboard: tensorboard --logdir {out / 'tensorboard'}")
-            return Tracker(lambda m, step: [writer.add_scalar(k, v, step) for k, v in numbers(m).items()], writer.close)
-        lib = importlib.import_module(cfg.report_to)  # wandb and trackio share one API
-    except ImportError:
-        raise SystemExit(
-            f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}"
-        ) from None
-    lib.init(
-        project="stapo",
-        name=out.resolve().name,
-        config=config,
-        **({"dir": str(out)} if cfg.report_to == "wandb" else {}),
-    )
-    return Tracker(lambda metrics, step: lib.log(numbers(metrics), step=step), lib.finish)
+class StopRun(Exception):
+    """Raised at a safe point once a stop is asked for: the step under way is dropped whole."""
 
 
-# ----------------------------------------------------------------------------------------------
-# E. Memory plan: the bytes of each part and the peak of each phase, from a model config alone.
-# GB here is 1e9 bytes; D hidden size, M MLP width, L layers, H and K query and key/value heads of width d.
+def stop_point():
+    """A point before which nothing of the step under way was applied. Every rank passes the same ones in the same
+    order, and all stop at the first one after any rank got a signal."""
+    if all_sum([len(STOP)])[0]:
+        raise StopRun
 
-HEADROOM = 0.9  # plan to 90 % of what is free: the CUDA allocator rounds and fragments
-PHASES = {  # the parts alive at the peak of each phase of a step
-    "generation": ("weights", "adamw", "rollout_weights", "gathered_model", "kv_cache", "sampling"),
-    "scoring": ("weights", "adamw", "autocast_weights", "gathered_layers", "forward_working", "lm_head_chunk"),
-    "update": ("weights", "gradients", "adamw", "autocast_weights", "gathered_layers", "activations", "lm_head_chunk"),
-    "optimizer step": ("weights", "gradients", "adamw", "optimizer_temporaries"),
-}
-PART_LABELS = {
-    "weights": "fp32 weights", "gradients": "fp32 gradients", "adamw": "AdamW states (2 x fp32)",
-    "optimizer_temporaries": "AdamW step temporaries", "autocast_weights": "bf16 weight copies (autocast)",
-    "rollout_weights": "bf16 copy of the policy (rollouts)", "gathered_model": "whole weights for rollouts (FSDP)",
-    "gathered_layers": "gathered root + layers (FSDP)", "kv_cache": "KV cache of one generate call",
-    "sampling": "sampler logits + prefill", "forward_working": "forward without grad",
-    "activations": "activations of a micro-batch", "lm_head_chunk": "LM-head chunk (--logit-chunk)",
+
+AT_LEAST_0 = (lambda v: not isinstance(v, int | float) or v >= 0, "at least 0")  # every other number
+RULES = {  # flag: (allowed?, what is allowed)
+    "group_size": (lambda v: v >= 2, "at least 2: advantages compare the samples of a group"),
+    "tau_p": (lambda v: 0 < v < 1, "a probability in (0, 1); the paper uses 0.002"),
+    "q": (lambda v: 0 <= v <= 1, "a quantile in [0, 1]; the paper uses 0.75"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "entropy_top": (lambda v: 0 < v <= 1, "a share in (0, 1]"),
+    "eps_low": (lambda v: 0 <= v < 1, "in [0, 1)"), "dual_clip": (lambda v: v == 0 or v > 1, "0 (off) or above 1"),
+    "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu, cuda or cuda:N"),
+    **{k: (lambda v: v > 0, "above 0") for k in ("temperature", "lr", "grad_clip")},
+    **{k: (lambda v: v >= 1, "at least 1") for k in ("prompts_per_step", "max_prompt_tokens", "max_new_tokens",
+       "steps", "mini_batches", "micro_batch_tokens", "save_every", "dist_timeout_min")},
 }  # fmt: skip
 
 
-def head_dim(c) -> int:
-    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+def parse_args(argv=None) -> Config:
+    """Flags from the dataclass, each bad value named in one line before anything loads. With --resume, the
+    checkpoint's saved config is the base and the flags given go on top."""
+    parser = argparse.ArgumentParser(prog="stapo.py", description=__doc__.split("\n")[0],
+                                     epilog="memory plan: python plan.py; curves: python plot.py RUN_DIR")  # fmt: skip
+    parser.error = lambda message: parser.exit(2, f"stapo.py: error: {message}\n")  # one line; --help has usage
+    for f in dataclasses.fields(Config):
+        choices = f.type.__args__ if getattr(f.type, "__origin__", None) is Literal else None
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=f.type if f.type in (int, float) else str,
+                            choices=choices, default=argparse.SUPPRESS, help=f"{f.metadata['help']} ({f.default})")  # fmt: skip
+    given = vars(parser.parse_args(argv))  # the flags given, and only those
+    base = saved_config(Path(given["resume"]), given, parser.error) if given.get("resume") else {}
+    tiny = TINY_DEFAULTS if given.get("model", base.get("model")) in TINY else {}  # CPU-sized unless given
+    cfg, world = Config(**{**tiny, **base, **given}), int(os.environ.get("WORLD_SIZE", 1))
+    for f in dataclasses.fields(Config):  # the flags given and a saved config alike
+        value, choices = getattr(cfg, f.name), f.type.__args__ if getattr(f.type, "__origin__", 0) is Literal else ()
+        ok, allowed = (choices.__contains__, f"one of {choices}") if choices else RULES.get(f.name, AT_LEAST_0)
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not finite or value is not None and not ok(value):
+            parser.error(f"--{f.name.replace('_', '-')} {value}: must be {allowed if finite else 'a finite number'}")
+    if cfg.prompts_per_step % (cfg.mini_batches * world):  # torchrun: each process holds whole groups
+        parser.error(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by --mini-batches "
+                     f"{cfg.mini_batches}" + (f" x {world} processes" if world > 1 else ""))  # fmt: skip
+    if cfg.device.startswith("cuda") and not torch.cuda.device_count() > int(cfg.device[5:] or 0):
+        parser.error(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        parser.error(f"--report-to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
+    return cfg
 
 
-def layer_parameters(c) -> int:
-    D, M, H, K, d = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, head_dim(c)
-    return D * H * d + 2 * D * K * d + H * d * D + 3 * D * M + 2 * D + 2 * d  # attention, MLP, norms
+def saved_config(ckpt: Path, given: dict, error) -> dict:
+    """The config a checkpoint was trained with, checked against the flags given with --resume."""
+    try:
+        base = json.loads((ckpt / "stapo_config.json").read_text()) if checkpoint_step(ckpt) >= 0 else None
+        steps, world = given.get("steps", base["steps"]), base.pop("world_size", 1)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        error(f"--resume {ckpt}: not a checkpoint of this trainer (a step-N folder with a trainer_state.pt and a "
+              "readable stapo_config.json)")  # fmt: skip
+    for wrong, why in (
+        (world != int(os.environ.get("WORLD_SIZE", 1)), f"was written by {world} process(es): resume with as many"),
+        (given.get("model", base["model"]) != base["model"], f"holds weights trained from {base['model']}, and those "
+         "are what resumes: drop --model"),
+        (steps <= checkpoint_step(ckpt), f"is at step {checkpoint_step(ckpt)} already, and --steps {steps} counts all "
+         "the steps of the run: give more"),
+    ):  # fmt: skip
+        if wrong:
+            error(f"--resume {ckpt}: {why}")
+    names = {f.name for f in dataclasses.fields(Config)}
+    return {k: v for k, v in base.items() if k in names} | {"output_dir": str(ckpt.parent)}  # its own run, unless given
 
 
-def parameter_count(c) -> int:
-    """Parameters of a Qwen3/Llama-style decoder from its config."""
-    embeddings = c.vocab_size * c.hidden_size * (1 if getattr(c, "tie_word_embeddings", False) else 2)
-    return c.num_hidden_layers * layer_parameters(c) + embeddings + c.hidden_size
+# ----------------------------------------------------------------------------------------------
+# E. Fitting the memory, decided once before the weights load: gradient checkpointing, and the sequences
+# of one generate call. GB is 1e9 bytes; n parameters, W ranks. plan.py prints it all, phase by phase.
+
+HEADROOM = 0.9  # plan to 90 % of what is free: the CUDA allocator rounds and fragments
+
+
+def shape(c) -> tuple[int, ...]:
+    """(D hidden, M MLP, H query heads, K key/value heads, d head width, L layers, V vocabulary) of a config."""
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    H, K, L = c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers
+    return c.hidden_size, c.intermediate_size, H, K, d, L, c.vocab_size
+
+
+def parameter_count(c) -> tuple[int, int]:
+    """(parameters of the model, of one decoder layer) of a Qwen3/Llama-style config."""
+    D, M, H, K, d, L, V = shape(c)
+    layer = 2 * D * H * d + 2 * D * K * d + 3 * D * M + 2 * D + 2 * d  # attention, MLP, norms
+    return L * layer + V * D * (1 if getattr(c, "tie_word_embeddings", False) else 2) + D, layer
 
 
 def kv_bytes_per_token(c, bf16: bool) -> int:
     """KV-cache bytes per token of a sequence: K and V of every layer."""
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim(c) * (2 if bf16 else 4)
-
-
-def sampler_bytes_per_sequence(c, prompt_tokens: int) -> int:
-    """Generation's bytes per sequence besides its KV cache: the sampler's fp32 logits, probabilities and top-p
-    sort, and the prefill's transients of one layer."""
-    return 20 * c.vocab_size + prompt_tokens * (6 * c.intermediate_size + 14 * c.hidden_size)
+    D, M, H, K, d, L, V = shape(c)
+    return 2 * L * K * d * (2 if bf16 else 4)
 
 
 def activation_bytes_per_token(c) -> int:
-    """Bytes autograd keeps per token per decoder layer (fp32 weights, bf16 autocast, no checkpointing),
-    measured with saved-tensor hooks at the real widths of Qwen3-1.7B and 8B (test_plan_matches_saved_tensors_
-    at_real_width): 26 D, the fp32 input, normed input and mid-layer sum of both RMSNorms and autocast's bf16
-    casts of the normed input per projection; 8 M, the MLP's gate, SiLU, up and product (bf16); 10 H d + 10 K d,
-    q/k norms and SDPA's q, k, v and output; 8 H + 4 K + 8, RMSNorm reciprocals and SDPA's logsumexp. Flash and
-    cuDNN attention save the same on CUDA; the math kernel (GPUs before sm80) would keep (T, T) scores."""
-    D, M, H, K, d = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, head_dim(c)
-    return 26 * D + 8 * M + 10 * H * d + 10 * K * d + 8 * H + 4 * K + 8
+    """Bytes autograd keeps per token per decoder layer (fp32 weights, bf16 autocast, no checkpointing), measured
+    with saved-tensor hooks at the real widths of Qwen3-1.7B and 8B (test_plan.py): 26 D for the RMSNorms' fp32
+    inputs, outputs and autocast's bf16 casts, 8 M for the MLP, 10 (H + K) d for q/k norms and attention, 8 H +
+    4 K + 8 for reciprocals and logsumexp. The math attention kernel (GPUs before sm80) keeps far more."""
+    D, M, H, K, d, L, V = shape(c)
+    return 26 * D + 8 * M + 10 * (H + K) * d + 8 * H + 4 * K + 8
 
 
-def plan_memory(model_config, cfg: Config, world_size: int = 1, device_bytes: float | None = None,
-                device_type: str = "cuda") -> dict:  # fmt: skip
-    """Bytes of each part and the peak of each phase (PHASES) on one rank, as a flat dict of numbers.
-    Resolves the automatic settings against the device's memory (default: --gpu-memory-gb, else 80 GB):
-    gradient checkpointing (on when the update would not fit without it) and the KV-cache budget (what
-    generation leaves free, in as few generate calls as fit)."""
-    c, W = model_config, world_size
-    if getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None):
-        raise SystemExit(f"{cfg.model}: a mixture of experts ({c.model_type}); the memory plan covers dense decoders")
-    device_bytes = device_bytes or (cfg.gpu_memory_gb or 80) * 1e9
-    D, M, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
-    n = parameter_count(c)
-    bf16 = uses_bf16(cfg, torch.device(device_type))
+def memory_parts(c, cfg: Config, world: int, device_bytes: float, bf16: bool) -> dict:
+    """The bytes of what one rank holds, part by part, and the two decisions a run takes from them: gradient
+    checkpointing (on if the update would not fit without it) and the sequences per generate call (what the
+    weights and AdamW states leave free, in as few calls as fit, evenly filled). test_plan.py measures them."""
+    (n, layer), (D, M, H, K, d, L, V), W = parameter_count(c), shape(c), world
     seq = cfg.max_prompt_tokens + cfg.max_new_tokens  # a full-length sequence
     tokens = max(1, cfg.micro_batch_tokens // seq) * seq  # a full micro-batch (one sequence at least)
-    per_layer = activation_bytes_per_token(c)
-    padded = per_layer + 4 * (c.num_attention_heads - c.num_key_value_heads) * head_dim(c) + 2 * seq  # K/V repeat, mask
-    plan = {
-        "parameters": n, "world_size": W, "device_bytes": device_bytes, "budget": HEADROOM * device_bytes,
-        "micro_batch_tokens_planned": tokens, "activations_per_token_per_layer": per_layer,
-        "weights": 4 * n / W, "gradients": 4 * n / W, "adamw": 8 * n / W, "optimizer_temporaries": 4 * n / W,
-        "autocast_weights": 2 * n if bf16 and W == 1 else 0,  # bf16 copies of every layer, kept for backward
-        "rollout_weights": 2 * n if bf16 and W == 1 else 0,  # generate's bf16 copy of the policy
-        # FSDP2 gathers weights in bf16 (fp32 without autocast): the whole model for the rollouts, and
-        # otherwise the root group (embeddings, head) and about two layers at a time
-        "gathered_model": (2 if bf16 else 4) * n if W > 1 else 0,
-        "gathered_layers": (2 if bf16 else 4) * (n - L * layer_parameters(c) + 2 * layer_parameters(c)) if W > 1 else 0,
-        "activations_full": tokens * (L * padded + 12 * D),  # + final norm and the LM head's input
-        # checkpointing keeps each layer's fp32 input, and recomputes one layer in backward (1.12x, measured)
-        "activations_checkpointed": tokens * (L * 4 * D + 1.12 * padded + 12 * D),
-        "lm_head_chunk": 4 * 4 * min(cfg.logit_chunk or tokens, tokens) * V,  # fp32 logits, log-probs, 2 grads
-        "forward_working": tokens * (6 * M + 14 * D),  # one layer's transients without grad, and the hidden states
-    }  # fmt: skip
-    without = sum(plan[k] for k in PHASES["update"] if k != "activations") + plan["activations_full"]
-    checkpointing = cfg.gradient_checkpointing == "on" or (
-        cfg.gradient_checkpointing == "auto" and without > plan["budget"]
-    )
-    plan["gradient_checkpointing"] = int(checkpointing)
-    plan["activations"] = plan["activations_checkpointed" if checkpointing else "activations_full"]
-    # Generation: per sequence of a generate call, its KV cache and the sampler's memory. Gradients are freed by then.
-    kv_per_seq = seq * kv_bytes_per_token(c, bf16)
-    sampling_per_seq = sampler_bytes_per_sequence(c, cfg.max_prompt_tokens)
-    resident = plan["weights"] + plan["adamw"] + plan["rollout_weights"] + plan["gathered_model"]
-    rollouts = cfg.prompts_per_step * cfg.group_size // W
-    if cfg.kv_cache_gb > 0:  # given: it wins
-        per_call = max(1, int(cfg.kv_cache_gb * 1e9 // kv_per_seq))
-    else:  # what the budget leaves free
-        per_call = max(1, int((plan["budget"] - resident) // (kv_per_seq + sampling_per_seq)))
-    calls = math.ceil(rollouts / per_call)
-    per_call = min(per_call, math.ceil(rollouts / calls))  # as few calls as fit, evenly filled
-    plan.update(sequences_per_generate=per_call, generate_calls=calls, kv_cache=per_call * kv_per_seq,
-                sampling=per_call * sampling_per_seq)  # fmt: skip
-    for phase, parts in PHASES.items():
-        plan[f"peak_{phase.replace(' ', '_')}"] = sum(plan[k] for k in parts)
-    plan["peak"] = max(plan[f"peak_{phase.replace(' ', '_')}"] for phase in PHASES)
-    return plan
+    chunk = min(cfg.logit_chunk or tokens, tokens)
+    per_layer = activation_bytes_per_token(c) + 4 * (H - K) * d + 2 * seq  # + K/V repeated for H heads, the mask
+    # bf16 copies of the weights for compute: autocast's, kept for backward (not the embedding table's), and the
+    # head's; with checkpointing only the head's; under FSDP2 the gathered root and about two layers at a time
+    tied = getattr(c, "tie_word_embeddings", False)
+    copies = 2 * (n - V * D * (not tied)) * bf16
+    m = {"budget": HEADROOM * device_bytes, "parameters": n, "tokens": tokens,
+         "weights": 4 * n / W, "gradients": 4 * n / W, "adamw": 8 * n / W,  # fp32, sharded under torchrun
+         # what generate samples from: a bf16 copy of the policy, or under FSDP2 the whole gathered model
+         "rollout_weights": 2 * n * bf16 if W == 1 else (2 if bf16 else 4) * n,
+         "activations_full": tokens * (L * per_layer + 12 * D),  # + the final norm and the LM head's input
+         "activations_checkpointed": tokens * (L * 4 * D + 12 * D),  # each layer's fp32 input, the head's input
+         # later in backward, checkpointing recomputes one layer: 1.12x its activations (measured), its bf16 copies
+         "recompute": tokens * 1.12 * per_layer + 2 * layer * bf16,
+         "lm_head_chunk": 16 * chunk * V,  # fp32 logits, log-probs and their gradients
+         # the head in backward: a chunk recomputed while the head's bf16 gradient adds up, then that gradient
+         # cast back to fp32 (the head's bf16 copy freed by then): the larger of the two
+         "lm_head_backward": max(16 * chunk * V + 2 * V * D * bf16, 4 * V * D),
+         # tied: at the end of backward the head's fp32 gradient waits for the embedding's, then both are summed
+         "tied_grads": 12 * V * D * tied,
+         "kv_per_sequence": seq * kv_bytes_per_token(c, bf16),
+         # the sampler's fp32 logits, probabilities and top-p sort, and one layer's prefill transients
+         "sampler_per_sequence": 20 * V + cfg.max_prompt_tokens * (6 * M + 14 * D)}  # fmt: skip
+    fsdp = (2 if bf16 else 4) * (n - (L - 2) * layer)
+    state = m["weights"] + m["gradients"] + m["adamw"]
+    checkpointing = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and state +
+                    (copies if W == 1 else fsdp) + m["lm_head_backward"] + m["activations_full"] > m["budget"])  # fmt: skip
+    m["compute_weights"] = fsdp if W > 1 else 2 * V * D * bf16 if checkpointing else copies
+    m["activations"] = m["activations_checkpointed" if checkpointing else "activations_full"]
+    later = m["recompute"] * checkpointing + 4 * V * D * tied  # a tied head's gradient waits for the embedding's
+    update = m["compute_weights"] + m["activations"] + max(m["lm_head_backward"], later)
+    rollouts, resident = cfg.prompts_per_step * cfg.group_size // W, m["weights"] + m["adamw"] + m["rollout_weights"]
+    sequence = m["kv_per_sequence"] + m["sampler_per_sequence"]
+    per_call = max(1, cfg.generate_batch or int((m["budget"] - resident) // sequence))
+    per_call = min(per_call, math.ceil(rollouts / math.ceil(rollouts / per_call)))  # evenly filled
+    return m | {"gradient_checkpointing": checkpointing, "generate_batch": per_call,
+                "generation": resident + per_call * sequence, "update": state + max(update, m["tied_grads"])}  # fmt: skip
 
 
 def device_memory(cfg: Config, device: torch.device) -> float:
-    """Bytes the run may plan for: --gpu-memory-gb, else what is free on the GPU (the CUDA context, other
-    processes and NCCL's buffers are not) plus what this process's allocator already holds, else the RAM."""
+    """Bytes to plan for: --gpu-memory-gb, else what is free on the GPU (the CUDA context, other processes and
+    NCCL's buffers are not) plus what this process's allocator holds, else the RAM."""
     if cfg.gpu_memory_gb > 0:
         return cfg.gpu_memory_gb * 1e9
     if device.type == "cuda":
@@ -1506,106 +1282,23 @@ def device_memory(cfg: Config, device: torch.device) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def sequences_per_generate(model, prompt_len: int, cfg: Config, kv_cache_bytes: float | None = None) -> int:
-    """How many sequences one generate call may hold: their KV cache fits kv_cache_bytes, else --kv-cache-gb,
-    else what the memory plan leaves free on this device."""
-    device = next(model.parameters()).device
-    kv_cache_bytes = kv_cache_bytes or cfg.kv_cache_gb * 1e9 or plan_memory(
-        model.config, cfg, rank_and_world()[1], device_memory(cfg, device), device.type)["kv_cache"]  # fmt: skip
-    per_token = kv_bytes_per_token(model.config, uses_bf16(cfg, device))
-    return max(1, int(kv_cache_bytes // (per_token * (prompt_len + cfg.max_new_tokens))))
-
-
-def plan_summary(plan: dict) -> str:
-    """The plan in one line, printed at the start of every run."""
-    return (
-        f"plan: peak {plan['peak'] / 1e9:.1f} GB of {plan['budget'] / 1e9:.1f} GB "
-        f"({'fits' if plan['peak'] <= plan['budget'] else 'DOES NOT FIT'}) | gradient checkpointing "
-        f"{'on' if plan['gradient_checkpointing'] else 'off'} | micro-batch {plan['micro_batch_tokens_planned']:,} "
-        f"tokens, activations {plan['activations'] / 1e9:.1f} GB | {plan['generate_calls']} generate call(s) per "
-        f"step of {plan['sequences_per_generate']} sequences, KV cache {plan['kv_cache'] / 1e9:.1f} GB"
-    )
-
-
-def plan_or_stop(model_config, cfg: Config, device: torch.device, world_size: int = 1) -> tuple[dict, Config]:
-    """The memory plan in one line; stop now, before anything loads, if its peak exceeds the device. Returns the
-    plan and cfg with its KV budget fixed now: once the weights are loaded, less memory is free."""
-    device_bytes = device_memory(cfg, device)
-    plan = plan_memory(model_config, cfg, world_size, device_bytes, device.type)
-    allocator = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
-    where = f" | {device_bytes / 1e9:.1f} GB free on {device}, allocator {allocator}" if device.type == "cuda" else ""
-    print(plan_summary(plan) + where)
-    if plan["peak"] > plan["budget"]:
-        sys.exit(f"the planned peak, {plan['peak'] / 1e9:.1f} GB, exceeds {plan['budget'] / 1e9:.1f} GB "
-                 f"({HEADROOM:.0%} of {device_bytes / 1e9:.1f} GB on {device}); "
-                 f"{fixes_that_fit(model_config, cfg, world_size, device_bytes, device.type)}; add --dry-run to see "
-                 "the whole plan")  # fmt: skip
-    return plan, dataclasses.replace(cfg, kv_cache_gb=cfg.kv_cache_gb or plan["kv_cache"] / 1e9)
-
-
-def dry_run(cfg: Config):
-    """The memory plan of --model from its config.json alone, as a table: no weights, no GPU needed."""
-    device = torch.device("cuda") if torch.cuda.is_available() else None
-    device_bytes = device_memory(cfg, device) if device else (cfg.gpu_memory_gb or 80) * 1e9
-    c = load_model_config(cfg.model)
-    plan = plan_memory(c, cfg, cfg.gpus, device_bytes)
-    head = f"{'part (GB)':<34}" + "".join(f"{phase:>16}" for phase in PHASES)
-    print(f"memory plan: {cfg.model} ({plan['parameters'] / 1e9:.2f} B parameters, {c.num_hidden_layers} layers, "
-          f"hidden {c.hidden_size}), {cfg.gpus} GPU(s) of {device_bytes / 1e9:.0f} GB each, planned to "
-          f"{HEADROOM:.0%} = {plan['budget'] / 1e9:.1f} GB\n{head}\n{'-' * len(head)}")  # fmt: skip
-    for key, label in ((k, v) for k, v in PART_LABELS.items() if plan[k]):  # the parts this setting has
-        print(f"{label:<34}" + "".join(f"{plan[key] / 1e9:16.1f}" if key in parts else f"{'-':>16}"
-                                       for parts in PHASES.values()))  # fmt: skip
-    print(f"{'peak':<34}" + "".join(f"{plan['peak_' + p.replace(' ', '_')] / 1e9:16.1f}" for p in PHASES))
-    print(plan_summary(plan))
-    if plan["peak"] > plan["budget"]:
-        print(f"does not fit; {fixes_that_fit(c, cfg, cfg.gpus, device_bytes, 'cuda')}")
-
-
-def fixes_that_fit(model_config, cfg: Config, world_size: int, device_bytes: float, device_type: str) -> str:
-    """What brings the planned peak within the budget: the fewest GPUs (none added on a CPU), then the fewest
-    kinds of change (checkpointing, a smaller micro-batch, an automatic KV budget, shorter answers), each
-    combination with its peak; or why nothing does."""
-    seq = cfg.max_prompt_tokens + cfg.max_new_tokens
-    kinds = [k for k in (  # each kind's options, mildest first
-        [{"gradient_checkpointing": "on"}] if cfg.gradient_checkpointing != "on" else [],
-        [{"micro_batch_tokens": n * seq} for n in range(cfg.micro_batch_tokens // seq - 1, 0, -1)],
-        [{"kv_cache_gb": 0}] if cfg.kv_cache_gb > 0 else [],
-        [{"max_new_tokens": cfg.max_new_tokens // 2**k} for k in (1, 2, 3)],
-    ) if k]  # fmt: skip
-    gpu_counts = [world_size] + ([n for n in (2, 4, 8, 16, 32, 64) if n > world_size] if device_type == "cuda" else [])
-
-    def tried(change: dict, gpus: int) -> tuple[bool, str]:  # (fits, the change described with its peak)
-        plan = plan_memory(model_config, dataclasses.replace(cfg, **change), gpus, device_bytes, device_type)
-        flags = [f"--{k.replace('_', '-')} {v}" for k, v in change.items()] + [f"{gpus} GPUs"] * (gpus > world_size)
-        calls = plan["generate_calls"]  # many small generate calls decode slowly
-        slow = f", {calls} generate calls of {plan['sequences_per_generate']}: slow" if calls >= 8 else ""
-        text = f"{' + '.join(flags)} (peak {plan['peak'] / 1e9:.1f} GB{' each' if gpus > 1 else ''}{slow})"
-        return plan["peak"] <= plan["budget"], text
-
-    for gpus in gpu_counts:
-        for size in range(len(kinds) + 1):
-            found = []
-            for combination in itertools.combinations(kinds, size):
-                for options in itertools.product(*combination):
-                    fits, text = tried({k: v for o in options for k, v in o.items()}, gpus)
-                    if fits and (options or gpus > world_size):
-                        found.append(text)
-                        break
-            if found:
-                return "these fit: " + "; ".join(found)
-    plan = plan_memory(model_config, dataclasses.replace(cfg, **{k: v for o in kinds for k, v in o[-1].items()}),
-                       gpu_counts[-1], device_bytes, device_type)  # every change at its most  # fmt: skip
-    peak, phase = max((plan[f"peak_{p.replace(' ', '_')}"], p) for p in PHASES)
-    biggest = ", ".join(
-        f"{PART_LABELS[k]} {plan[k] / 1e9:.1f} GB" for k in sorted(PHASES[phase], key=lambda k: -plan[k])[:3]
-    )
-    every = tried({k: v for o in kinds for k, v in o[-1].items()}, gpu_counts[-1])[1].split(" (")[0] or "every change"
-    return f"nothing fits: even with {every}, the {phase} peak is {peak / 1e9:.1f} GB, mostly {biggest}"
+def fit_memory(model_config, cfg: Config, device: torch.device, world: int = 1) -> tuple[Config, dict]:
+    """cfg with checkpointing and the generate batch decided, and the parts; one line and exit, before anything
+    loads, when the fp32 weights, gradients and AdamW states alone cannot fit."""
+    m, gb = memory_parts(model_config, cfg, world, device_memory(cfg, device), uses_bf16(cfg, device)), 1e9
+    if (state := m["weights"] + m["gradients"] + m["adamw"]) > m["budget"]:
+        sys.exit(f"{cfg.model}: its fp32 weights, gradients and AdamW states alone need {state / gb:.1f} GB per "
+                 f"process, more than the {m['budget'] / gb:.1f} GB planned for on {device}; python plan.py with the "
+                 "same flags says what fits (more GPUs under torchrun)")  # fmt: skip
+    print(f"memory: {m['budget'] / gb:.1f} GB planned for on {device} | gradient checkpointing "
+          f"{'on' if m['gradient_checkpointing'] else 'off'} | generation {m['generation'] / gb:.1f} GB "
+          f"({m['generate_batch']} sequences per call) | update {m['update'] / gb:.1f} GB")  # fmt: skip
+    checkpointing = "on" if m["gradient_checkpointing"] else "off"
+    return dataclasses.replace(cfg, gradient_checkpointing=checkpointing, generate_batch=m["generate_batch"]), m
 
 
 # ----------------------------------------------------------------------------------------------
-# F. Several GPUs: torchrun + FSDP2. Each rank holds whole groups of every mini-batch. What the paper
+# F. Several GPUs: torchrun + FSDP2. Each rank holds whole groups of every mini-batch (my_share). What the paper
 # takes over a mini-batch (the candidates' entropies behind tau_h, the kept-token count, the 20-Entropy
 # threshold, GRPO's answer count) and what is logged is taken over every rank, and gradients are summed,
 # so the update does not depend on the number of processes. In one process every function is the identity.
@@ -1650,15 +1343,17 @@ def all_records(records: list) -> list:
     return [r for part in gathered for r in part]
 
 
-def barrier():
-    return dist.barrier() if dist.is_initialized() else None
-
-
 def my_share(items: list, mini_batches: int) -> list:
     """This rank's items of a step: its slice of every mini-batch, so mini-batch k holds the same as in one process."""
     rank, world = rank_and_world()
     size = len(items) // mini_batches // world
     return [x for k in range(mini_batches) for x in items[(k * world + rank) * size : (k * world + rank + 1) * size]]
+
+
+def lock_step(batches: list[list[int]]) -> list[list[int]]:
+    """As many micro-batches on every rank as on the busiest (FSDP2's collectives pair up): empty ones at the end,
+    which still run a forward (sequence_logp)."""
+    return batches + [[]] * (int(all_cat(torch.tensor([len(batches)])).max()) - len(batches))
 
 
 def start_distributed(cfg: Config) -> torch.device:
@@ -1682,6 +1377,8 @@ def shard_model(model, bf16: bool):
     With bf16, FSDP gathers bf16 copies of the weights; the sharded master weights stay fp32."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        sys.exit(f"torchrun needs FSDP2's sum reduction (torch 2.8 or later); this is torch {torch.__version__}")
     precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     for module in [*model.model.layers, model]:
         fully_shard(module, mp_policy=precision or MixedPrecisionPolicy())
@@ -1694,14 +1391,14 @@ def shard_model(model, bf16: bool):
 
 
 def load_sharded_model(name: str, device: torch.device, tokenizer, seed: int = 0, bf16: bool = False):
-    """Every rank builds the model on the meta device and shards it; rank 0 alone reads the weights and
-    sends each rank its shards, so no other rank ever holds the whole model (8 x 59 GB of RAM for 14B)."""
+    """Every rank builds the model on the meta device, in fp32 whatever its config says, and shards it; rank 0
+    alone reads the weights and sends each rank its shards, so no other rank ever holds the whole model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoModelForCausalLM
 
     whole = load_model(name, torch.device("cpu"), tokenizer, seed) if dist.get_rank() == 0 else None  # rank 0 only
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(load_model_config(name))
+        model = AutoModelForCausalLM.from_config(load_model_config(name), dtype=torch.float32)
     shard_model(model, bf16).to_empty(device=device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, whole.state_dict() if whole is not None else {}, options=options)
@@ -1713,53 +1410,6 @@ def load_sharded_model(name: str, device: torch.device, tokenizer, seed: int = 0
     dist.broadcast_object_list(generation_config, src=0)
     model.generation_config = generation_config[0]
     return model
-
-
-@contextmanager
-def unsharded(model):
-    """Whole weights on every rank for the rollouts: generate then runs no collective per token, so a rank
-    whose answers end early never waits inside a forward for the others (generate(synced_gpus=True) would
-    gather every layer for every token: 3x slower on CPU here)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not groups:
-        yield
-        return
-    model.set_reshard_after_forward(False)
-    for group in groups:
-        group.unshard()
-    try:
-        yield
-    finally:
-        for group in groups:
-            group.reshard()
-        model.set_reshard_after_forward(True)
-        model.set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root
-
-
-def sharded_state(model, optimizer, folder: Path) -> dict | None:
-    """Under FSDP2 (every rank calls it): the whole weights on rank 0 for save_pretrained, and each rank's
-    optimizer shard written to folder/optimizer with torch.distributed.checkpoint."""
-    if not dist.is_initialized():
-        return None
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / "optimizer")
-    if getattr(model.config, "tie_word_embeddings", False):
-        weights.pop("lm_head.weight", None)  # the same tensor as the embeddings
-    return weights
-
-
-def load_sharded_optimizer(model, optimizer, folder: Path):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=folder / "optimizer")
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 if __name__ == "__main__":

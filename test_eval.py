@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import random
 import re
 import shutil
 import sys
@@ -495,3 +496,98 @@ def test_math_verify_timeout_counts_as_wrong_and_is_reported(tmp_path, monkeypat
     m = json.loads((tmp_path / "generations.score-both.json").read_text())["aime24"]
     assert (m["math_verify_avg@1"], m["math_verify_timeouts"]) == (0.0, 1)
     assert "| 1/0 |" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# The grader's budget: nested sets on both sides, and the real benchmark files
+
+
+def nested_sets(height: int, leaf: str = "{}", swap: bool = False) -> str:
+    r"""\{\{1,2\},\{2,3\}\}-like sets nested height levels deep (1,531 characters at height 8), shaped so that
+    unordered matching meets many near-misses; swap writes every set's items in another order (same sets)."""
+    x, y, z = (leaf.format(i) for i in (1, 2, 3))
+    for _ in range(height):
+        pairs = ((y, x), (z, y), (y, y)) if swap else ((x, y), (y, z), (y, y))
+        x, y, z = (r"\{" + a + "," + b + r"\}" for a, b in pairs)
+    return x
+
+
+def sets_list(leaf: str = "{}", reverse: bool = False) -> str:
+    r"""A bare list of 50 sets like \{7,\{7,8\}\}."""
+    items = [r"\{i,\{i,j\}\}".replace("i", leaf.format(i)).replace("j", leaf.format(i + 1)) for i in range(50)]
+    return ",".join(items[::-1] if reverse else items)
+
+
+CHAIN = r"\{" * 499 + "1" + r"\}" * 499  # 1,997 characters
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "expected"),
+    [
+        (nested_sets(8), nested_sets(8), True),  # prediction == gold
+        (nested_sets(8, swap=True), nested_sets(8), True),  # the same sets, items in another order
+        (nested_sets(7, "{}.0", swap=True), nested_sets(7), True),  # no two parts equal as strings
+        (nested_sets(8, swap=True), nested_sets(8).replace("3", "4"), False),  # one kind of leaf differs
+        (nested_sets(8, swap=True), nested_sets(8, "{}0"), False),  # every leaf differs
+        (nested_sets(8), nested_sets(7) + "," + nested_sets(7), False),  # a set vs a list of two sets
+        (CHAIN, CHAIN, True),  # 499 levels deep, equal
+        (CHAIN, CHAIN.replace("1", "2"), False),  # 499 levels deep, innermost value differs
+        (CHAIN.replace("1", "1.0"), CHAIN, None),  # too deep to compare within the budget: any answer, fast
+        (r"\{1," * 330 + "1" + r"\}" * 330, r"\{1," * 330 + "2" + r"\}" * 330, None),  # deep and wide
+        ("(" * 990 + "1" + ")" * 990, "(" * 990 + "2" + ")" * 990, False),  # deep parentheses
+        (sets_list(), sets_list(reverse=True), True),  # 50 nested sets, the other way round
+        (sets_list(), sets_list().replace("49", "51"), False),  # one set differs
+        (sets_list("{}.0"), sets_list(reverse=True), True),  # 50 x 50 near-misses, no two parts equal as strings
+        (sets_list(), CHAIN, False),  # 50 sets vs a chain
+        # 50 numbers, decimals vs fractions in the opposite order: 1,275 comparisons, still within the budget
+        (",".join(f"{i / 2}" for i in range(50, 0, -1)), ",".join(rf"\frac{{{i}}}{{2}}" for i in range(1, 51)), True),
+    ],
+)
+def test_grade_is_fast_on_nested_sets_on_both_sides(pred, gold, expected):
+    assert len(pred) <= stapo.MAX_ANSWER_CHARS and len(gold) <= stapo.MAX_ANSWER_CHARS
+    for _ in range(2):  # cold, then with normalize_answer's cache warm
+        start = time.process_time()
+        result = ev.grade(f"\\boxed{{{pred}}}", gold)
+        assert time.process_time() - start < 0.05
+        assert result is expected if expected is not None else result in (True, False)
+    ev.normalize_answer.cache_clear()
+
+
+def test_grade_on_the_real_benchmarks():
+    """Accuracy, false positives and speed on the benchmark files that ship in benchmarks/."""
+    bench = ev.BENCHMARK_DIR
+    raw = {name: [json.loads(line) for line in (bench / b.file).open()] for name, b in ev.BENCHMARKS.items()}
+    ev.normalize_answer.cache_clear()
+    calls, worst = 0, 0.0
+    start = time.process_time()
+
+    def timed(completion, gold):
+        nonlocal calls, worst
+        t = time.process_time()
+        ok = ev.grade(completion, gold)
+        worst = max(worst, time.process_time() - t)
+        calls += 1
+        return ok
+
+    math500 = raw["math500"]
+    rate = sum(timed(r["solution"], r["answer"]) for r in math500) / len(math500)
+    print(f"\nMATH500 solution vs answer: {rate:.2%}")
+    assert rate >= 0.995
+    for name in ("aime24", "aime25", "amc23"):
+        golds = [r["answer"] for r in raw[name]]  # as in the file: "025", 27.0
+        right = sum(timed(f"so \\boxed{{{int(g)}}}", str(g)) for g in golds) / len(golds)
+        wrong = sum(not timed(f"so \\boxed{{{int(g) + 1}}}", str(g)) for g in golds) / len(golds)
+        print(f"{name}: N correct {right:.2%}, N+1 wrong {wrong:.2%}")
+        assert right == 1.0 and wrong == 1.0
+    golds = [r["final_answer"][0] for r in raw["olympiadbench"]]  # "$2n-2$"
+    rate = sum(timed(f"\\boxed{{{g.strip('$')}}}", g) for g in golds) / len(golds)
+    print(f"OlympiadBench boxed final answer: {rate:.2%}")
+    assert rate >= 0.995
+    shuffled = random.Random(0).sample(math500, len(math500))
+    pairs = [(r["solution"], s["answer"]) for r, s in zip(math500, shuffled, strict=True) if r["answer"] != s["answer"]]
+    false_positive = sum(timed(sol, gold) for sol, gold in pairs) / len(pairs)
+    print(f"negatives judged correct: {false_positive:.3%} of {len(pairs)}")
+    assert false_positive <= 0.001
+    mean_ms = (time.process_time() - start) / calls * 1000
+    print(f"verify: {calls} calls, mean {mean_ms:.3f} ms, worst {worst * 1000:.2f} ms")
+    assert mean_ms < 0.2

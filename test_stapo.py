@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import datetime
+import importlib.machinery
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -239,7 +241,6 @@ def test_training_logp_equals_sampler_logp_with_left_padding(tiny, precision, at
 
     model, tok = tiny
     cfg = tiny_cfg(temperature=0.7, max_new_tokens=10, precision=precision)
-    sampler = stapo.bf16_copy(model) if precision == "bf16-autocast" else model
     texts = ["1+1?", "a much longer problem statement than the first one"]  # different lengths: left padding
     prompts = [stapo.encode_prompt(t, tok) for t in texts]
     ids, mask = stapo.left_pad(prompts, tok.pad_token_id)
@@ -248,7 +249,8 @@ def test_training_logp_equals_sampler_logp_with_left_padding(tiny, precision, at
                            eos_token_id=[-1], pad_token_id=tok.pad_token_id, output_scores=True,
                            return_dict_in_generate=True)  # fmt: skip
     torch.manual_seed(1)
-    out = sampler.eval().generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+    with stapo.sampling_weights(model, bf16=precision == "bf16-autocast") as sampler:
+        out = sampler.eval().generate(input_ids=ids, attention_mask=mask, generation_config=gen)
     completions = out.sequences[:, ids.shape[1] :]  # (2, 10)
     sampled = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, completions[..., None]).squeeze(-1)
     rollouts = stapo.Rollouts(prompts, completions, torch.ones_like(completions, dtype=torch.bool), torch.zeros(2))
@@ -336,14 +338,10 @@ def test_rollout_progress_shows_when_output_is_not_a_terminal(tiny, capsys, monk
     assert "step 3" not in capsys.readouterr().err
 
 
-def test_generation_is_chunked_to_the_kv_cache_budget(tiny):
+def test_generation_makes_calls_of_the_generate_batch(tiny):
     model, tok = tiny
-    # tiny in fp32: 2 layers x 2 KV heads x 16 dims x K,V x 4 bytes = 512 bytes per token
-    cfg = tiny_cfg(max_new_tokens=8, kv_cache_gb=3 * 512 * (24 + 8) / 1e9)
-    assert stapo.sequences_per_generate(model, 24, cfg, cfg.kv_cache_gb * 1e9) == 3
-    assert stapo.sequences_per_generate(model, 10**6, cfg, cfg.kv_cache_gb * 1e9) == 1  # never zero
     prompts = [torch.arange(20, 44)] * 7  # 3 generate calls: 3 + 3 + 1
-    r = stapo.generate(model, tok, prompts, cfg)
+    r = stapo.generate(model, tok, prompts, tiny_cfg(max_new_tokens=8, generate_batch=3), desc="x")
     assert r.completions.shape[0] == 7 and r.completion_mask[:, 0].all()
 
 
@@ -472,7 +470,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     rollouts, advantages = rollout_batch(model, tok, cfg)
     plain_loss, plain = one_update(model, rollouts, advantages, cfg)
     checkpointed = copy.deepcopy(model)
-    checkpointed.activation_checkpointing_enable()
+    checkpointed.gradient_checkpointing_enable()  # the name every transformers 5 has
     checkpointed.train()
     ckpt_loss, ckpt = one_update(checkpointed, rollouts, advantages, cfg)
     assert abs(plain_loss - ckpt_loss) < 1e-6
@@ -531,330 +529,182 @@ def test_bf16_autocast_at_lr_1e6_changes_fp32_weights(tiny):
 
 
 # ----------------------------------------------------------------------------------------------
-# Memory plan
-
-QWEN3_SHAPES = {  # the paper's three sizes: hidden, MLP, layers, heads, KV heads, tied embeddings
-    "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, tie_word_embeddings=True),
-    "8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=False),
-    "14B": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
-                num_key_value_heads=8, tie_word_embeddings=False),
-}  # fmt: skip
+# The reward (stapo.verify) and the benchmark grade (eval.grade): one table of reasons
 
 
-def qwen3_config(shape: str, **overrides):
-    from transformers import Qwen3Config
-
-    return Qwen3Config(**{"vocab_size": 151_936, "head_dim": 128, **QWEN3_SHAPES[shape], **overrides})
-
-
-def saved_bytes(config, layers: int, tokens: int) -> int:
-    """Bytes of every tensor autograd saves in a forward of a `layers`-deep body (fp32 weights under
-    bf16 autocast, zero weights, built on the meta device first), each storage counted once."""
-    from transformers import Qwen3Model
-
-    config = copy.deepcopy(config)
-    config.num_hidden_layers, config.vocab_size = layers, 16  # the embedding plays no part
-    with torch.device("meta"):
-        body = Qwen3Model(config)
-    body = body.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in body.parameters():
-            p.zero_()
-        body.rotary_emb.inv_freq.copy_(body.rotary_emb.compute_default_rope_parameters(config)[0])
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    x = torch.randn(1, tokens, config.hidden_size, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        body.train()(inputs_embeds=x, use_cache=False)
-    return sum(storages.values())
-
-
-def measured_bytes_per_token_per_layer(config, short: int = 32, long: int = 64) -> float:
-    """(2-layer minus 1-layer body) at two lengths: weights and their bf16 copies cancel out."""
-    per_layer = {t: saved_bytes(config, 2, t) - saved_bytes(config, 1, t) for t in (short, long)}
-    return (per_layer[long] - per_layer[short]) / (long - short)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("shape", ["1.7B", "8B"])
-def test_plan_matches_saved_tensors_at_real_width(shape):
-    config = qwen3_config(shape)
-    measured = measured_bytes_per_token_per_layer(config)
-    planned = stapo.plan_memory(config, stapo.Config())["activations_per_token_per_layer"]
-    print(f"\n{shape}: measured {measured:,.0f} B/token/layer, planned {planned:,}")
-    assert planned == pytest.approx(measured, rel=0.10)
-
-
-def test_plan_matches_saved_tensors_at_a_small_width():
-    config = qwen3_config("1.7B", hidden_size=256, intermediate_size=640, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=32)  # fmt: skip
-    planned = stapo.activation_bytes_per_token(config)
-    assert planned == pytest.approx(measured_bytes_per_token_per_layer(config, 16, 48), rel=0.10)
-
-
-@pytest.fixture(scope="module")
-def shape_dirs(tmp_path_factory):
-    """Folders that hold only a config.json of each of the paper's sizes: no weights, no tokenizer."""
-    root = tmp_path_factory.mktemp("shapes")
-    for shape in QWEN3_SHAPES:
-        qwen3_config(shape, max_position_embeddings=40_960).save_pretrained(root / shape)
-    return root
-
-
-@pytest.mark.parametrize("shape", QWEN3_SHAPES)
-def test_dry_run_prints_the_plan_from_a_config_alone(shape_dirs, shape, capsys):
-    from transformers import AutoConfig
-
-    stapo.main(["--model", str(shape_dirs / shape), "--dry-run"])
-    out = capsys.readouterr().out
-    plan = stapo.plan_memory(AutoConfig.from_pretrained(shape_dirs / shape), stapo.Config())
-    assert "generation" in out and "activations of a micro-batch" in out and f"{plan['peak'] / 1e9:.1f}" in out
-    if shape == "1.7B":  # the default command fits 90 % of an 80 GB GPU
-        assert plan["peak"] <= 72e9 and "(fits)" in out
-    else:  # fp32 weights, gradients and AdamW states alone exceed one GPU
-        assert plan["weights"] * 4 > 80e9 and "DOES NOT FIT" in out
-
-
-def test_default_plan_turns_checkpointing_on_only_when_needed(shape_dirs):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(shape_dirs / "1.7B")
-    on = stapo.plan_memory(config, stapo.Config())
-    assert on["gradient_checkpointing"] and on["peak_update"] <= 72e9
-    assert on["activations_full"] > on["activations_checkpointed"] * 5  # why it is needed at 15 k tokens
-    one = stapo.plan_memory(config, stapo.Config(micro_batch_tokens=5120))  # one sequence per micro-batch fits as is
-    assert not one["gradient_checkpointing"] and one["peak_update"] <= 72e9
-    forced = stapo.plan_memory(config, stapo.Config(gradient_checkpointing="off"))
-    assert forced["peak"] > forced["budget"]
-
-
-def test_kv_cache_is_sized_to_what_the_plan_leaves_free(shape_dirs):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(shape_dirs / "1.7B")
-    kv_per_seq = (1024 + 4096) * 2 * 28 * 8 * 128 * 2  # K and V, bf16, every layer
-    for gpu_gb, calls in ((80, 4), (141, 2)):
-        plan = stapo.plan_memory(config, stapo.Config(), device_bytes=gpu_gb * 1e9)
-        assert plan["peak_generation"] <= plan["budget"]
-        assert plan["generate_calls"] == calls and plan["sequences_per_generate"] * calls == 256
-        assert plan["kv_cache"] == plan["sequences_per_generate"] * kv_per_seq
-    given = stapo.plan_memory(config, stapo.Config(kv_cache_gb=16))  # an explicit budget wins
-    fit = int(16e9 // kv_per_seq)  # 27 sequences: 10 calls, filled evenly with 26
-    assert given["generate_calls"] == math.ceil(256 / fit) and given["sequences_per_generate"] == math.ceil(256 / 10)
-
-
-def test_generate_uses_the_planned_kv_budget(tiny):
-    model, tok = tiny
-    cfg = tiny_cfg(max_new_tokens=8)
-    plan = stapo.plan_memory(model.config, cfg, device_bytes=1e12, device_type="cpu")
-    assert plan["generate_calls"] == 1 and plan["sequences_per_generate"] == 16  # 4 prompts x 4 samples
-
-
-def test_the_plan_suggests_combinations_says_why_nothing_fits_and_no_gpus_on_a_cpu(shape_dirs):
-    from transformers import AutoConfig
-
-    config = {shape: AutoConfig.from_pretrained(shape_dirs / shape) for shape in QWEN3_SHAPES}
-    cfg = stapo.Config()
-    # 8B on 8 x 24 GB: no single change fits 8 GPUs; the fewest GPUs with a smaller micro-batch, not 64 GPUs
-    eight = stapo.fixes_that_fit(config["8B"], cfg, 8, 24e9, "cuda")
-    assert eight.startswith("these fit: --micro-batch-tokens") and "64 GPUs" not in eight
-    # 14B at 24 GB: the whole bf16 model must sit on each GPU for the rollouts, whatever else changes
-    fourteen = stapo.fixes_that_fit(config["14B"], cfg, 1, 24e9, "cuda")
-    assert fourteen.startswith("nothing fits") and "whole weights for rollouts (FSDP) 29.5 GB" in fourteen
-    # a fix that fits by cutting generation into many small calls says so
-    assert "generate calls of" in stapo.fixes_that_fit(config["1.7B"], cfg, 1, 24e9, "cuda")
-    cpu = stapo.fixes_that_fit(config["1.7B"], cfg, 1, 16e9, "cpu")  # 16 GB of RAM: no GPU to add
-    assert cpu.startswith("nothing fits") and "GPU" not in cpu and "AdamW states" in cpu
-
-
-def test_a_run_over_budget_stops_before_loading_anything(shape_dirs, tmp_path, capsys):
-    flags = ["--model", str(shape_dirs / "1.7B"), "--gradient-checkpointing", "off", "--gpu-memory-gb", "80",
-             "--output-dir", str(tmp_path / "run")]  # fmt: skip
-    with pytest.raises(SystemExit) as exit_info:  # the folder has no weights: loading them would fail otherwise
-        stapo.main(flags)
-    message = str(exit_info.value.code)
-    assert "exceeds 72.0 GB" in message and "--gradient-checkpointing on (peak" in message
-    assert "--micro-batch-tokens 10240 (peak" in message  # two full sequences instead of three
-    assert not (tmp_path / "run").exists()
-
-
-# ----------------------------------------------------------------------------------------------
-# Verifier
-
-
-VERIFY_TABLE = [
-    # (completion, gold, expected)  # reason
-    (r"so \boxed{42}", "42", True),  # plain integer
-    (r"\boxed{42}", "43", False),  # wrong integer
-    (r"\boxed{025}", "25", True),  # zero padded (AIME24 gold style)
-    (r"\boxed{25}", "025", True),  # zero-padded gold
-    (r"\boxed{27}", "27.0", True),  # AMC23 float gold
-    (r"\boxed{27.5}", "27.0", False),  # not the same number
-    (r"\boxed{1,000}", "1000", True),  # thousands separator
-    (r"\boxed{1{,}000}", "1000", True),  # LaTeX thousands separator
-    (r"\boxed{\$18.90}", r"\$18.90", True),  # dollars
-    (r"\boxed{18.9}", r"\$18.90", True),  # dollar sign and trailing zero
-    (r"\boxed{90^\circ}", "90", True),  # degrees
-    (r"\boxed{90}", r"90^{\circ}", True),  # degrees in the gold
-    (r"\boxed{50\%}", "50", True),  # percent sign
-    (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", True),  # dfrac
-    (r"\boxed{\tfrac12}", r"\frac{1}{2}", True),  # tfrac without braces
-    (r"\boxed{\frac12}", r"\frac{1}{2}", True),  # frac shorthand
-    (r"\boxed{0.5}", r"\frac{1}{2}", True),  # decimal vs fraction
-    (r"\boxed{1/2}", r"\frac{1}{2}", True),  # slash fraction
-    (r"\boxed{-\frac{1}{2}}", "-0.5", True),  # negative fraction
-    (r"\boxed{\frac{1}{3}}", "0.33", False),  # rounding beyond tolerance
-    (r"\boxed{0.333333}", r"\frac{1}{3}", True),  # within relative tolerance
-    (r"\boxed{4.5 \times 10^{33}}", "4.5e33", True),  # scientific notation, LaTeX vs Python
-    (r"\boxed{4.5e33}", r"4.5\times10^{33}", True),  # scientific notation reversed
-    (r"\boxed{4.6e33}", "4.5e33", False),  # different mantissa
-    (r"\boxed{10^{5}}", "100000", True),  # power of ten
-    (r"\boxed{123456789012}", "123456789013", False),  # large integers compare exactly
-    (r"\boxed{\text{Evelyn}}", r"\text{Evelyn}", True),  # text answer
-    (r"\boxed{Evelyn}", r"\text{Evelyn}", True),  # text wrapper dropped
-    (r"\boxed{\textbf{(C)}}", r"\text{(C)}", True),  # multiple choice letter
-    (r"\boxed{C}", r"\text{(C)}", True),  # bare letter vs (C)
-    (r"\boxed{10 \text{ cm}}", "10", True),  # unit in \text
-    (r"\boxed{10 cm}", "10", True),  # unit word
-    (r"\boxed{5\text{ cm}^2}", "5", True),  # squared unit
-    (r"\boxed{\frac{270}7\text{ degrees}}", r"\frac{270}{7}", True),  # MATH500 gold with unit
-    (r"\boxed{x = 5}", "5", True),  # single-symbol left side
-    (r"\boxed{5}", "x=5", True),  # left side in the gold
-    (r"\boxed{\theta = 30}", "30", True),  # command as the left side
-    (r"\boxed{x+y=5}", "5", False),  # not a single symbol: kept
-    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)", True),  # tuple with left/right
-    (r"\boxed{(3,\frac{\pi}{2})}", r"(3, \frac{\pi}{2})", True),  # tuple spacing
-    (r"\boxed{(3,4]}", "(3,4]", True),  # half-open interval
-    (r"\boxed{(3,4)}", "(3,4]", False),  # bracket types must match
-    (r"\boxed{[3,4]}", "(3,4)", False),  # closed vs open
-    (r"\boxed{(2,\infty)}", r"(2,\infty)", True),  # infinite interval
-    (r"\boxed{(1,2)}", "(2,1)", False),  # tuples are ordered
-    (r"\boxed{(1.0,2)}", "(1,2)", True),  # tuple elements compare as numbers
-    (r"\boxed{3, 5, 7}", "3, 5, 7", True),  # bare list
-    (r"\boxed{7,3,5}", "3, 5, 7", True),  # bare lists are unordered
-    (r"\boxed{3,5}", "3, 5, 7", False),  # missing element
-    (r"\boxed{1,-2}", "-2, 1", True),  # negative element in a list
-    (r"\boxed{\{1,2\}}", r"\{2,1\}", True),  # sets are unordered
-    (r"\boxed{\sqrt{2}}", r"\sqrt2", True),  # sqrt shorthand
-    (r"\boxed{2\sqrt{3}}", r"2\sqrt{3}", True),  # symbolic expression
-    (r"\boxed{2\sqrt{3}}", r"3\sqrt{2}", False),  # different expression
-    (r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}", True),  # matrix
-    (r"\fbox{12}", "12", True),  # fbox
-    (r"\boxed 12", "12", True),  # boxed without braces
-    (r"\boxed{1} then \boxed{2}", "2", True),  # the last box is the answer
-    (r"\boxed{1} then \boxed{2}", "1", False),  # an earlier box is not
-    (r"\boxed{1}\boxed{2}", "1,2", False),  # two boxes are not one answer
-    (r"\boxed{\frac{1}{2}", r"\frac{1}{2}", False),  # unbalanced braces
-    (r"the answer is 42", "42", False),  # no box
-    (r"\boxed{}", "", False),  # empty prediction and gold
-    (r"\boxed{}", "0", False),  # empty prediction
-    (r"\boxed{5}", "", False),  # empty gold never rewards
-    (r"\boxed{5}", r"\boxed{", False),  # unparsable gold never rewards
-    (r"\boxed{5}", r"\boxed{5}", True),  # gold wrapped in a box
-    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2", False),  # a gold with unbalanced braces never rewards
-    (r"\boxed{2n-2}", "$2n-2$", True),  # OlympiadBench dollar-wrapped gold
-    (r"\boxed{(-\infty, 0) \cup\{1\}}", r"$(-\infty, 0) \cup\{1\}$.", True),  # gold with trailing period
-    (r"\boxed{5.}", "5", True),  # trailing period
-    (r"\boxed{ 5 }", "5", True),  # spaces
-    (r"\boxed{\!5\,}", "5", True),  # LaTeX spacing commands
-    (r"\boxed{-3}", "3", False),  # sign matters
-    (r"\boxed{0}", "0.0", True),  # zero
-    (r"\boxed{1e999999}", "1e999999", True),  # infinities compare as identical strings only
-    (r"\boxed{1e999999}", "2e999999", False),  # overflow is not a number
-    (r"\boxed{\infty}", r"\infty", True),  # infinity symbol
-    (r"\boxed{Yes}", "No", False),  # different words
-    (r"\boxed{0}", "2.88e-19", False),  # relative tolerance only: 0 is not a tiny physical constant
-    (r"\boxed{2.88 \times 10^{-19}}", "2.88e-19", True),  # a tiny constant still equals itself
+ANSWER_TABLE = [
+    # (completion, gold, the training reward stapo.verify, the benchmark grade eval.grade)  # reason
+    (r"so \boxed{42}", "42", True, True),  # plain integer
+    (r"\boxed{42}", "43", False, False),  # wrong integer
+    (r"\boxed{025}", "25", True, True),  # zero padded (AIME24 gold style)
+    (r"\boxed{25}", "025", True, True),  # zero-padded gold
+    (r"\boxed{27}", "27.0", True, True),  # AMC23 float gold
+    (r"\boxed{27.5}", "27.0", False, False),  # not the same number
+    (r"\boxed{1,000}", "1000", True, True),  # thousands separator
+    (r"\boxed{1{,}000}", "1000", True, True),  # LaTeX thousands separator
+    (r"\boxed{\$18.90}", r"\$18.90", True, True),  # dollars
+    (r"\boxed{18.9}", r"\$18.90", True, True),  # dollar sign and trailing zero
+    (r"\boxed{90^\circ}", "90", True, True),  # degrees
+    (r"\boxed{90}", r"90^{\circ}", True, True),  # degrees in the gold
+    (r"\boxed{50\%}", "50", True, True),  # percent sign
+    (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", True, True),  # dfrac
+    (r"\boxed{\tfrac12}", r"\frac{1}{2}", True, True),  # tfrac without braces
+    (r"\boxed{\frac12}", r"\frac{1}{2}", True, True),  # frac shorthand
+    (r"\boxed{0.5}", r"\frac{1}{2}", True, True),  # decimal vs fraction
+    (r"\boxed{1/2}", r"\frac{1}{2}", True, True),  # slash fraction
+    (r"\boxed{-\frac{1}{2}}", "-0.5", True, True),  # negative fraction
+    (r"\boxed{\frac{1}{3}}", "0.33", False, False),  # rounding beyond tolerance
+    (r"\boxed{0.333333}", r"\frac{1}{3}", True, True),  # within relative tolerance
+    (r"\boxed{4.5 \times 10^{33}}", "4.5e33", True, True),  # scientific notation, LaTeX vs Python
+    (r"\boxed{4.5e33}", r"4.5\times10^{33}", True, True),  # scientific notation reversed
+    (r"\boxed{4.6e33}", "4.5e33", False, False),  # different mantissa
+    (r"\boxed{10^{5}}", "100000", True, True),  # power of ten
+    (r"\boxed{123456789012}", "123456789013", False, False),  # large integers compare exactly
+    (r"\boxed{\text{Evelyn}}", r"\text{Evelyn}", True, True),  # text answer
+    (r"\boxed{Evelyn}", r"\text{Evelyn}", True, True),  # text wrapper dropped
+    (r"\boxed{\textbf{(C)}}", r"\text{(C)}", True, True),  # multiple choice letter
+    (r"\boxed{C}", r"\text{(C)}", False, True),  # bare letter vs (C)
+    (r"\boxed{10 \text{ cm}}", "10", True, True),  # unit in \text
+    (r"\boxed{10 cm}", "10", True, True),  # unit word
+    (r"\boxed{5\text{ cm}^2}", "5", True, True),  # squared unit
+    (r"\boxed{\frac{270}7\text{ degrees}}", r"\frac{270}{7}", True, True),  # MATH500 gold with unit
+    (r"\boxed{x = 5}", "5", True, True),  # single-symbol left side
+    (r"\boxed{5}", "x=5", True, True),  # left side in the gold
+    (r"\boxed{\theta = 30}", "30", True, True),  # command as the left side
+    (r"\boxed{x+y=5}", "5", False, False),  # not a single symbol: kept
+    (
+        r"\boxed{\left( 3, \frac{\pi}{2} \right)}",
+        r"\left( 3, \frac{\pi}{2} \right)",
+        True,
+        True,
+    ),  # tuple with left/right
+    (r"\boxed{(3,\frac{\pi}{2})}", r"(3, \frac{\pi}{2})", True, True),  # tuple spacing
+    (r"\boxed{(3,4]}", "(3,4]", True, True),  # half-open interval
+    (r"\boxed{(3,4)}", "(3,4]", False, False),  # bracket types must match
+    (r"\boxed{[3,4]}", "(3,4)", False, False),  # closed vs open
+    (r"\boxed{(2,\infty)}", r"(2,\infty)", True, True),  # infinite interval
+    (r"\boxed{(1,2)}", "(2,1)", False, False),  # tuples are ordered
+    (r"\boxed{(1.0,2)}", "(1,2)", False, True),  # tuple elements compare as numbers
+    (r"\boxed{3, 5, 7}", "3, 5, 7", True, True),  # bare list
+    (r"\boxed{7,3,5}", "3, 5, 7", False, True),  # bare lists are unordered
+    (r"\boxed{3,5}", "3, 5, 7", False, False),  # missing element
+    (r"\boxed{1,-2}", "-2, 1", False, True),  # negative element in a list
+    (r"\boxed{\{1,2\}}", r"\{2,1\}", False, True),  # sets are unordered
+    (r"\boxed{\sqrt{2}}", r"\sqrt2", False, True),  # sqrt shorthand
+    (r"\boxed{2\sqrt{3}}", r"2\sqrt{3}", True, True),  # symbolic expression
+    (r"\boxed{2\sqrt{3}}", r"3\sqrt{2}", False, False),  # different expression
+    (r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}", False, True),  # matrix
+    (r"\fbox{12}", "12", True, True),  # fbox
+    (r"\boxed 12", "12", True, True),  # boxed without braces
+    (r"\boxed{1} then \boxed{2}", "2", True, True),  # the last box is the answer
+    (r"\boxed{1} then \boxed{2}", "1", False, False),  # an earlier box is not
+    (r"\boxed{1}\boxed{2}", "1,2", False, False),  # two boxes are not one answer
+    (r"\boxed{\frac{1}{2}", r"\frac{1}{2}", False, False),  # unbalanced braces
+    (r"the answer is 42", "42", False, False),  # no box
+    (r"\boxed{}", "", False, False),  # empty prediction and gold
+    (r"\boxed{}", "0", False, False),  # empty prediction
+    (r"\boxed{5}", "", False, False),  # empty gold never rewards
+    (r"\boxed{5}", r"\boxed{", False, False),  # unparsable gold never rewards
+    (r"\boxed{5}", r"\boxed{5}", False, True),  # gold wrapped in a box
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2", False, False),  # a gold with unbalanced braces never rewards
+    (r"\boxed{2n-2}", "$2n-2$", True, True),  # OlympiadBench dollar-wrapped gold
+    (r"\boxed{(-\infty, 0) \cup\{1\}}", r"$(-\infty, 0) \cup\{1\}$.", True, True),  # gold with trailing period
+    (r"\boxed{5.}", "5", True, True),  # trailing period
+    (r"\boxed{ 5 }", "5", True, True),  # spaces
+    (r"\boxed{\!5\,}", "5", True, True),  # LaTeX spacing commands
+    (r"\boxed{-3}", "3", False, False),  # sign matters
+    (r"\boxed{0}", "0.0", True, True),  # zero
+    (r"\boxed{1e999999}", "1e999999", True, True),  # infinities compare as identical strings only
+    (r"\boxed{1e999999}", "2e999999", False, False),  # overflow is not a number
+    (r"\boxed{\infty}", r"\infty", True, True),  # infinity symbol
+    (r"\boxed{Yes}", "No", False, False),  # different words
+    (r"\boxed{0}", "2.88e-19", False, False),  # relative tolerance only: 0 is not a tiny physical constant
+    (r"\boxed{2.88 \times 10^{-19}}", "2.88e-19", True, True),  # a tiny constant still equals itself
     # relations: commands are read whole, so \ge never eats the start of \geq and \le never the start of \left
-    (r"\boxed{x \ge 5}", r"x \geq 5", True),  # \ge and \geq are one relation
-    (r"\boxed{x \geq 5}", r"x \leq 5", False),  # opposite relations
-    (r"\boxed{x \le 5}", r"x \leqslant 5", True),  # \leqslant
-    (r"\boxed{x \geqq 5}", "x ≥ 5", True),  # \geqq and unicode ≥
-    (r"\boxed{x \leqq 5}", "x ≤ 5", True),  # \leqq and unicode ≤
-    (r"\boxed{x \geqslant 5}", "x > 5", False),  # >= is not >
-    (r"\boxed{x \neq 5}", r"x \ne 5", True),  # \ne and \neq
-    (r"\boxed{x ≠ 5}", r"x \neq 5", True),  # unicode ≠
-    (r"\boxed{x \neq 5}", "x = 5", False),  # not equal is not equal
-    (r"\boxed{x \lt 5}", "x < 5", True),  # \lt
-    (r"\boxed{x \gt 5}", "x < 5", False),  # \gt is not <
-    (r"\boxed{5 \le x \le 7}", r"5 \leq x \leq 7", True),  # two relations
-    (r"\boxed{\left[ 1, 2 \right]}", "[1,2]", True),  # \left is not \le followed by ft
-    (r"\boxed{x \leftarrow 5}", "x <= ftarrow 5", False),  # \leftarrow is one command
-    (r"\boxed{\left\{ 1, 2 \right\}}", r"\{2,1\}", True),  # \left\{ is a set brace
+    (r"\boxed{x \ge 5}", r"x \geq 5", False, True),  # \ge and \geq are one relation
+    (r"\boxed{x \geq 5}", r"x \leq 5", False, False),  # opposite relations
+    (r"\boxed{x \le 5}", r"x \leqslant 5", False, True),  # \leqslant
+    (r"\boxed{x \geqq 5}", "x ≥ 5", False, True),  # \geqq and unicode ≥
+    (r"\boxed{x \leqq 5}", "x ≤ 5", False, True),  # \leqq and unicode ≤
+    (r"\boxed{x \geqslant 5}", "x > 5", False, False),  # >= is not >
+    (r"\boxed{x \neq 5}", r"x \ne 5", False, True),  # \ne and \neq
+    (r"\boxed{x ≠ 5}", r"x \neq 5", False, True),  # unicode ≠
+    (r"\boxed{x \neq 5}", "x = 5", False, False),  # not equal is not equal
+    (r"\boxed{x \lt 5}", "x < 5", False, True),  # \lt
+    (r"\boxed{x \gt 5}", "x < 5", False, False),  # \gt is not <
+    (r"\boxed{5 \le x \le 7}", r"5 \leq x \leq 7", False, True),  # two relations
+    (r"\boxed{\left[ 1, 2 \right]}", "[1,2]", True, True),  # \left is not \le followed by ft
+    (r"\boxed{x \leftarrow 5}", "x <= ftarrow 5", False, False),  # \leftarrow is one command
+    (r"\boxed{\left\{ 1, 2 \right\}}", r"\{2,1\}", False, True),  # \left\{ is a set brace
     # \cfrac, more text wrappers, \quad
-    (r"\boxed{\cfrac{1}{2}}", "0.5", True),  # cfrac
-    (r"\boxed{\cfrac12}", r"\frac{1}{2}", True),  # cfrac without braces
-    (r"\boxed{\cfrac{1}{3}}", "0.5", False),  # cfrac of another value
-    (r"\boxed{12\textnormal{ miles}}", "12", True),  # unit in \textnormal
-    (r"\boxed{12 \textrm{ miles}}", "12", True),  # unit in \textrm
-    (r"\boxed{12\textnormal{ miles}}", "13", False),  # unit dropped, number still compared
-    (r"\boxed{\textnormal{Evelyn}}", r"\text{Evelyn}", True),  # \textnormal wrapper
-    (r"\boxed{12 \quad \text{miles}}", "12", True),  # \quad is a space
-    (r"\boxed{x = 3 \qquad}", "3", True),  # \qquad is a space
+    (r"\boxed{\cfrac{1}{2}}", "0.5", True, True),  # cfrac
+    (r"\boxed{\cfrac12}", r"\frac{1}{2}", True, True),  # cfrac without braces
+    (r"\boxed{\cfrac{1}{3}}", "0.5", False, False),  # cfrac of another value
+    (r"\boxed{12\textnormal{ miles}}", "12", True, True),  # unit in \textnormal
+    (r"\boxed{12 \textrm{ miles}}", "12", True, True),  # unit in \textrm
+    (r"\boxed{12\textnormal{ miles}}", "13", False, False),  # unit dropped, number still compared
+    (r"\boxed{\textnormal{Evelyn}}", r"\text{Evelyn}", True, True),  # \textnormal wrapper
+    (r"\boxed{12 \quad \text{miles}}", "12", True, True),  # \quad is a space
+    (r"\boxed{x = 3 \qquad}", "3", True, True),  # \qquad is a space
     # a parenthesised single value is the value; two or more values keep their brackets
-    (r"\boxed{(5)}", "5", True),  # parentheses around one value
-    (r"\boxed{5}", "(5)", True),  # parentheses in the gold
-    (r"\boxed{\left( \frac{1}{3} \right)}", r"\frac{1}{3}", True),  # with \left( and \right)
-    (r"\boxed{((5))}", "5", True),  # doubled parentheses
-    (r"\boxed{(-2)}", "-2", True),  # negative value in parentheses
-    (r"\boxed{(5)}", "6", False),  # another value
-    (r"\boxed{(5)}", "(5,6)", False),  # one value is not a pair
-    (r"\boxed{(5,6)}", "5", False),  # a pair is not one value
-    (r"\boxed{(3,4)}", "3,4", False),  # a tuple is not a bare list
-    (r"\boxed{(1)+(2)}", "1)+(2", False),  # (1)+(2) is not one parenthesised value
-    (r"\boxed{(C)}", r"\text{(D)}", False),  # multiple choice: another letter
+    (r"\boxed{(5)}", "5", False, True),  # parentheses around one value
+    (r"\boxed{5}", "(5)", False, True),  # parentheses in the gold
+    (r"\boxed{\left( \frac{1}{3} \right)}", r"\frac{1}{3}", False, True),  # with \left( and \right)
+    (r"\boxed{((5))}", "5", False, True),  # doubled parentheses
+    (r"\boxed{(-2)}", "-2", False, True),  # negative value in parentheses
+    (r"\boxed{(5)}", "6", False, False),  # another value
+    (r"\boxed{(5)}", "(5,6)", False, False),  # one value is not a pair
+    (r"\boxed{(5,6)}", "5", False, False),  # a pair is not one value
+    (r"\boxed{(3,4)}", "3,4", False, False),  # a tuple is not a bare list
+    (r"\boxed{(1)+(2)}", "1)+(2", False, False),  # (1)+(2) is not one parenthesised value
+    (r"\boxed{(C)}", r"\text{(D)}", False, False),  # multiple choice: another letter
     # left sides that only name the answer: a symbol, f(x), g(2), a tuple of symbols, x \in
-    (r"\boxed{(p,q)=(3,2)}", "(3,2)", True),  # tuple of symbols as the left side
-    (r"\boxed{(p,q)=(3,2)}", "(2,3)", False),  # still an ordered pair
-    (r"\boxed{f(x)=2}", "2", True),  # function value
-    (r"\boxed{f(x)=2}", "3", False),  # function value, another number
-    (r"\boxed{5}", "g(2) = 5", True),  # function at a number, in the gold
-    (r"\boxed{a_{n} = 2n}", "2n", True),  # subscripted symbol
-    (r"\boxed{x_12 = 5}", "5", True),  # subscript without braces
-    (r"\boxed{\angle ABC = 30^\circ}", "30", True),  # an angle's name
-    (r"\boxed{x \in [-2,7]}", "[-2,7]", True),  # membership in an interval
-    (r"\boxed{x \in [-2,7]}", "(-2,7)", False),  # membership, other bracket types
-    (r"\boxed{x \in (1, \infty)}", r"(1,\infty)", True),  # \in is not the start of \infty
-    (r"\boxed{y = 2x+3}", "y=2x+3", True),  # an equation vs the same equation
-    (r"\boxed{y = 2x+3}", "y=2x+4", False),  # another equation
-    (r"\boxed{x(x+1)=6}", "6", False),  # a product is not a name
-    (r"\boxed{2x=6}", "6", False),  # 2x is not a name
-    (r"\boxed{x = 1, y = 2}", "1,2", False),  # two equations: no left side dropped
+    (r"\boxed{(p,q)=(3,2)}", "(3,2)", False, True),  # tuple of symbols as the left side
+    (r"\boxed{(p,q)=(3,2)}", "(2,3)", False, False),  # still an ordered pair
+    (r"\boxed{f(x)=2}", "2", False, True),  # function value
+    (r"\boxed{f(x)=2}", "3", False, False),  # function value, another number
+    (r"\boxed{5}", "g(2) = 5", False, True),  # function at a number, in the gold
+    (r"\boxed{a_{n} = 2n}", "2n", False, True),  # subscripted symbol
+    (r"\boxed{x_12 = 5}", "5", True, True),  # subscript without braces
+    (r"\boxed{\angle ABC = 30^\circ}", "30", False, True),  # an angle's name
+    (r"\boxed{x \in [-2,7]}", "[-2,7]", False, True),  # membership in an interval
+    (r"\boxed{x \in [-2,7]}", "(-2,7)", False, False),  # membership, other bracket types
+    (r"\boxed{x \in (1, \infty)}", r"(1,\infty)", False, True),  # \in is not the start of \infty
+    (r"\boxed{y = 2x+3}", "y=2x+3", True, True),  # an equation vs the same equation
+    (r"\boxed{y = 2x+3}", "y=2x+4", False, False),  # another equation
+    (r"\boxed{x(x+1)=6}", "6", False, False),  # a product is not a name
+    (r"\boxed{2x=6}", "6", False, False),  # 2x is not a name
+    (r"\boxed{x = 1, y = 2}", "1,2", False, False),  # two equations: no left side dropped
     # "and" separates list items
-    (r"\boxed{6 \text{ and } 8}", "6,8", True),  # \text{ and }
-    (r"\boxed{6 and 8}", "6, 8", True),  # bare and
-    (r"\boxed{6, 8, \text{and } 9}", "6,8,9", True),  # serial comma before and
-    (r"\boxed{8 \text{ and } 6}", "6,8", True),  # lists stay unordered
-    (r"\boxed{6 and 8}", "6,9", False),  # another list
-    (r"\boxed{6 and 8}", "68", False),  # and is not nothing
-    (r"\boxed{\text{Candy}}", "C,y", False),  # and inside a word
+    (r"\boxed{6 \text{ and } 8}", "6,8", False, True),  # \text{ and }
+    (r"\boxed{6 and 8}", "6, 8", False, True),  # bare and
+    (r"\boxed{6, 8, \text{and } 9}", "6,8,9", False, True),  # serial comma before and
+    (r"\boxed{8 \text{ and } 6}", "6,8", False, True),  # lists stay unordered
+    (r"\boxed{6 and 8}", "6,9", False, False),  # another list
+    (r"\boxed{6 and 8}", "68", False, False),  # and is not nothing
+    (r"\boxed{\text{Candy}}", "C,y", False, False),  # and inside a word
     # thousands separators: only d,ddd written without a space, never after a leading 0
-    (r"\boxed{32, 349}", "32349", False),  # comma and space: a list of two numbers
-    (r"\boxed{32,\! 349}", "32349", True),  # LaTeX thousands: comma, thin space, then a space
-    (r"\boxed{11,\! 111,\! 111,\! 100}", "11111111100", True),  # the same, several groups
-    (r"\boxed{12, 345}", "12345", False),  # comma and space: a list
-    (r"\boxed{32,349}", "32349", True),  # no space: thousands separator
-    (r"\boxed{1,234,567}", "1234567", True),  # two separators
-    (r"\boxed{-1,234.5}", "-1234.5", True),  # sign and decimals
-    (r"\boxed{\$32,\!348}", "32348", True),  # MATH500 gold style
-    (r"\boxed{x = 1,000}", "1000", True),  # after a left side
-    (r"\boxed{0,111}", "111", False),  # a leading 0 is a list item
-    (r"\boxed{111}", "0,111", False),  # same, in the gold
-    (r"\boxed{0,111}", "111,0", True),  # the list 0, 111 in any order
-    (r"\boxed{1,00}", "100", False),  # groups of three digits only
-    (r"\boxed{12,34,567}", "1234567", False),  # every group has three digits
+    (r"\boxed{32, 349}", "32349", False, False),  # comma and space: a list of two numbers
+    (r"\boxed{32,\! 349}", "32349", True, True),  # LaTeX thousands: comma, thin space, then a space
+    (r"\boxed{11,\! 111,\! 111,\! 100}", "11111111100", True, True),  # the same, several groups
+    (r"\boxed{12, 345}", "12345", False, False),  # comma and space: a list
+    (r"\boxed{32,349}", "32349", True, True),  # no space: thousands separator
+    (r"\boxed{1,234,567}", "1234567", True, True),  # two separators
+    (r"\boxed{-1,234.5}", "-1234.5", True, True),  # sign and decimals
+    (r"\boxed{\$32,\!348}", "32348", True, True),  # MATH500 gold style
+    (r"\boxed{x = 1,000}", "1000", True, True),  # after a left side
+    (r"\boxed{0,111}", "111", False, False),  # a leading 0 is a list item
+    (r"\boxed{111}", "0,111", False, False),  # same, in the gold
+    (r"\boxed{0,111}", "111,0", False, True),  # the list 0, 111 in any order
+    (r"\boxed{1,00}", "100", False, False),  # groups of three digits only
+    (r"\boxed{12,34,567}", "1234567", False, False),  # every group has three digits
 ]
 
 
-@pytest.mark.parametrize(("completion", "gold", "expected"), VERIFY_TABLE)
-def test_verify_table(completion, gold, expected):
-    assert stapo.verify(completion, gold) is expected
+@pytest.mark.parametrize(("completion", "gold", "reward", "grade"), ANSWER_TABLE)
+def test_the_reward_and_the_benchmark_grade(completion, gold, reward, grade):
+    assert stapo.verify(completion, gold) is reward
+    assert ev.grade(completion, gold) is grade
 
 
 @pytest.mark.parametrize(
@@ -876,104 +726,12 @@ def test_verify_table(completion, gold, expected):
         "\\boxed{" + " and " * 399 + "}",  # list separators and spaces only
     ],
 )
-def test_verify_is_total_and_fast_on_hostile_input(text):
+def test_the_reward_and_the_grade_are_total_and_fast_on_hostile_input(text):
     for gold in (text, "42", "(1,2]", "1, 2, 3"):
-        start = time.process_time()  # CPU time of this process: what the verifier costs, whatever the load
-        assert stapo.verify(text, gold) in (True, False)
-        assert time.process_time() - start < 0.05
-
-
-def nested_sets(height: int, leaf: str = "{}", swap: bool = False) -> str:
-    r"""\{\{1,2\},\{2,3\}\}-like sets nested height levels deep (1,531 characters at height 8), shaped so that
-    unordered matching meets many near-misses; swap writes every set's items in another order (same sets)."""
-    x, y, z = (leaf.format(i) for i in (1, 2, 3))
-    for _ in range(height):
-        pairs = ((y, x), (z, y), (y, y)) if swap else ((x, y), (y, z), (y, y))
-        x, y, z = (r"\{" + a + "," + b + r"\}" for a, b in pairs)
-    return x
-
-
-def sets_list(leaf: str = "{}", reverse: bool = False) -> str:
-    r"""A bare list of 50 sets like \{7,\{7,8\}\}."""
-    items = [r"\{i,\{i,j\}\}".replace("i", leaf.format(i)).replace("j", leaf.format(i + 1)) for i in range(50)]
-    return ",".join(items[::-1] if reverse else items)
-
-
-CHAIN = r"\{" * 499 + "1" + r"\}" * 499  # 1,997 characters
-
-
-@pytest.mark.parametrize(
-    ("pred", "gold", "expected"),
-    [
-        (nested_sets(8), nested_sets(8), True),  # prediction == gold
-        (nested_sets(8, swap=True), nested_sets(8), True),  # the same sets, items in another order
-        (nested_sets(7, "{}.0", swap=True), nested_sets(7), True),  # no two parts equal as strings
-        (nested_sets(8, swap=True), nested_sets(8).replace("3", "4"), False),  # one kind of leaf differs
-        (nested_sets(8, swap=True), nested_sets(8, "{}0"), False),  # every leaf differs
-        (nested_sets(8), nested_sets(7) + "," + nested_sets(7), False),  # a set vs a list of two sets
-        (CHAIN, CHAIN, True),  # 499 levels deep, equal
-        (CHAIN, CHAIN.replace("1", "2"), False),  # 499 levels deep, innermost value differs
-        (CHAIN.replace("1", "1.0"), CHAIN, None),  # too deep to compare within the budget: any answer, fast
-        (r"\{1," * 330 + "1" + r"\}" * 330, r"\{1," * 330 + "2" + r"\}" * 330, None),  # deep and wide
-        ("(" * 990 + "1" + ")" * 990, "(" * 990 + "2" + ")" * 990, False),  # deep parentheses
-        (sets_list(), sets_list(reverse=True), True),  # 50 nested sets, the other way round
-        (sets_list(), sets_list().replace("49", "51"), False),  # one set differs
-        (sets_list("{}.0"), sets_list(reverse=True), True),  # 50 x 50 near-misses, no two parts equal as strings
-        (sets_list(), CHAIN, False),  # 50 sets vs a chain
-        # 50 numbers, decimals vs fractions in the opposite order: 1,275 comparisons, still within the budget
-        (",".join(f"{i / 2}" for i in range(50, 0, -1)), ",".join(rf"\frac{{{i}}}{{2}}" for i in range(1, 51)), True),
-    ],
-)
-def test_verify_is_fast_on_nested_sets_on_both_sides(pred, gold, expected):
-    assert len(pred) <= stapo.MAX_ANSWER_CHARS and len(gold) <= stapo.MAX_ANSWER_CHARS
-    for _ in range(2):  # cold, then with normalize_answer's cache warm
-        start = time.process_time()
-        result = stapo.verify(f"\\boxed{{{pred}}}", gold)
-        assert time.process_time() - start < 0.05
-        assert result is expected if expected is not None else result in (True, False)
-    stapo.normalize_answer.cache_clear()
-
-
-def test_verifier_on_real_benchmarks():
-    """Accuracy, false positives and speed on ../shared/benchmarks (present beside the repo in CI)."""
-    bench = HERE.parent / "shared" / "benchmarks"
-    if not bench.exists():
-        pytest.skip("../shared/benchmarks is not beside this checkout")
-    raw = {name: [json.loads(line) for line in (bench / b.file).open()] for name, b in ev.BENCHMARKS.items()}
-    stapo.normalize_answer.cache_clear()
-    calls, worst = 0, 0.0
-    start = time.process_time()
-
-    def timed(completion, gold):
-        nonlocal calls, worst
-        t = time.process_time()
-        ok = stapo.verify(completion, gold)
-        worst = max(worst, time.process_time() - t)
-        calls += 1
-        return ok
-
-    math500 = raw["math500"]
-    rate = sum(timed(r["solution"], r["answer"]) for r in math500) / len(math500)
-    print(f"\nMATH500 solution vs answer: {rate:.2%}")
-    assert rate >= 0.995
-    for name in ("aime24", "aime25", "amc23"):
-        golds = [r["answer"] for r in raw[name]]  # as in the file: "025", 27.0
-        right = sum(timed(f"so \\boxed{{{int(g)}}}", str(g)) for g in golds) / len(golds)
-        wrong = sum(not timed(f"so \\boxed{{{int(g) + 1}}}", str(g)) for g in golds) / len(golds)
-        print(f"{name}: N correct {right:.2%}, N+1 wrong {wrong:.2%}")
-        assert right == 1.0 and wrong == 1.0
-    golds = [r["final_answer"][0] for r in raw["olympiadbench"]]  # "$2n-2$"
-    rate = sum(timed(f"\\boxed{{{g.strip('$')}}}", g) for g in golds) / len(golds)
-    print(f"OlympiadBench boxed final answer: {rate:.2%}")
-    assert rate >= 0.995
-    shuffled = random.Random(0).sample(math500, len(math500))
-    pairs = [(r["solution"], s["answer"]) for r, s in zip(math500, shuffled, strict=True) if r["answer"] != s["answer"]]
-    false_positive = sum(timed(sol, gold) for sol, gold in pairs) / len(pairs)
-    print(f"negatives judged correct: {false_positive:.3%} of {len(pairs)}")
-    assert false_positive <= 0.001
-    mean_ms = (time.process_time() - start) / calls * 1000
-    print(f"verify: {calls} calls, mean {mean_ms:.3f} ms, worst {worst * 1000:.2f} ms")
-    assert mean_ms < 0.2
+        for judge in (stapo.verify, ev.grade):
+            start = time.process_time()  # CPU time of this process: what the verifier costs, whatever the load
+            assert judge(text, gold) in (True, False)
+            assert time.process_time() - start < 0.05
 
 
 # ----------------------------------------------------------------------------------------------
@@ -984,46 +742,60 @@ def test_verifier_on_real_benchmarks():
     ("row", "expected"),
     [
         ({"problem": "1+1?", "answer": "2"}, {"problem": "1+1?", "answer": "2"}),  # MATH style
-        ({"question": "1+1?", "answer": 2.0}, {"problem": "1+1?", "answer": "2"}),  # AMC float gold
-        ({"question": "q", "final_answer": ["$x$"]}, {"problem": "q", "answer": "$x$"}),  # OlympiadBench list
-        ({"problem": "q", "solution": r"so \boxed{7}."}, {"problem": "q", "answer": "7"}),  # worked solution
-        ({"prompt": "q", "solution": "34"}, {"problem": "q", "answer": "34"}),  # open-r1 DAPO copy
+        ({"question": "1+1?", "answer": 2.0}, {"problem": "1+1?", "answer": "2"}),  # a float gold
+        ({"problem": "q", "answer": 0}, {"problem": "q", "answer": "0"}),  # 0 is an answer
+        ({"prompt": "q", "solution": "34"}, {"problem": "q", "answer": "34"}),  # open-r1 DAPO copy: a bare gold
         (
             {"prompt": [{"role": "user", "content": stapo.DAPO_PREFIX + "Find x." + stapo.DAPO_SUFFIX}],
              "reward_model": {"ground_truth": "12", "style": "rule"}},
             {"problem": "Find x.", "answer": "12"},
         ),  # Hub DAPO: chat list, wrapper stripped, gold in reward_model
-        ({"problem": "q", "answer": None}, None),  # no answer: skipped
-        ({"problem": "q", "answer": {"value": 3}}, None),  # a dict is no gold answer
-        ({"problem": "q", "answer": True}, None),  # nor is a boolean
-        ({"question": "q", "final_answer": ["1", "2"]}, None),  # several answers: not one gold
-        ({"prompt": [{"role": "system", "content": "s"}], "answer": "1"}, None),  # a chat without a user turn
-        ({"problem": "q", "answer": "  "}, None),  # blank answer: skipped
+        ({"problem": "q", "answer": None}, "the gold answer is empty"),  # no answer: skipped
+        ({"problem": "q", "answer": {"value": 3}}, "the gold answer is a dict"),  # a dict is no gold answer
+        ({"problem": "q", "answer": True}, "the gold answer is a bool"),  # nor is a boolean
+        ({"prompt": [{"role": "system", "content": "s"}], "answer": "1"}, "no problem text (or a chat without a "
+         "user turn)"),  # a chat without a user turn
+        ({"problem": "q", "answer": "  "}, "the gold answer is empty"),  # a blank answer: skipped
     ],
 )  # fmt: skip
-def test_row_to_example(row, expected):
-    assert stapo.row_to_example(row) == expected
+def test_parse_row(row, expected):
+    assert stapo.parse_row(row) == expected
 
 
-def test_row_to_example_with_explicit_keys():
-    assert stapo.row_to_example({"q": "x?", "gold": 3}, "q", "gold") == {"problem": "x?", "answer": "3"}
+def test_parse_row_with_explicit_keys():
+    assert stapo.parse_row({"q": "x?", "gold": 3}, "q", "gold") == {"problem": "x?", "answer": "3"}
 
 
-def test_load_local_jsonl_counts_skipped_rows(tmp_path, capsys):
+def load(cfg, tok):
+    with stapo.loading("--dataset", cfg.dataset, "dataset"):  # as train() loads it
+        return stapo.load_problems(cfg, tok)
+
+
+def test_load_local_jsonl_counts_skipped_rows(tiny, tmp_path, capsys):
     path = tmp_path / "d.jsonl"
-    path.write_text(
-        "\n".join(json.dumps(r) for r in [{"problem": "a", "answer": "1"}, {"problem": "b", "answer": None}])
-    )
-    problems = stapo.load_problems(tiny_cfg(dataset=str(path)))
-    assert problems == [{"problem": "a", "answer": "1"}]
-    assert "1 unusable rows skipped; first: row 2: the gold answer is empty" in capsys.readouterr().out
+    rows = [{"problem": "a", "answer": "1"}, {"problem": "b", "answer": None}, {"problem": "a", "answer": "1"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    problems = load(tiny_cfg(dataset=str(path)), tiny[1])
+    assert [(p["problem"], p["answer"]) for p in problems] == [("a", "1")]  # unique by text
+    assert "1 unusable rows (first: row 2: the gold answer is empty)" in capsys.readouterr().out
 
 
-def test_unrecognised_columns_fail_with_the_columns_and_flags(tmp_path):
+@pytest.mark.parametrize("suffix", [".json", ".parquet"])
+def test_json_and_parquet_files_are_read_with_datasets(tiny, tmp_path, suffix):
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "x?"}],
+                                        "reward_model": {"ground_truth": "3"}}] * 2)  # fmt: skip
+    path = tmp_path / f"d{suffix}"
+    rows.to_parquet(path) if suffix == ".parquet" else path.write_text(json.dumps(rows.to_list()))
+    assert [(p["problem"], p["answer"]) for p in load(tiny_cfg(dataset=str(path)), tiny[1])] == [("x?", "3")]
+
+
+def test_unrecognised_columns_fail_with_the_columns_and_flags(tiny, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "a", "label": "1"}) + "\n")
-    with pytest.raises(SystemExit, match=r"\['label', 'text'\].*--problem-key and --answer-key"):
-        stapo.load_problems(tiny_cfg(dataset=str(path)))
+    with pytest.raises(SystemExit, match=r"no usable row .*\['label', 'text'\].*--problem-key and --answer-key"):
+        load(tiny_cfg(dataset=str(path)), tiny[1])
 
 
 def test_prompt_formats(tiny):
@@ -1071,7 +843,7 @@ def test_one_step_end_to_end_then_resume_equals_uninterrupted(tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(loaded.parameters(), initial.parameters(), strict=True))
     metrics = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").open()]
     keys = {"reward", "frac_zero_std", "len_mean", "truncated_frac", "entropy", "n_candidates", "n_spurious",
-            "spurious_frac", "tau_h", "clip_frac", "loss", "grad_norm", "lr", "gen_s", "train_s"}  # fmt: skip
+            "spurious_frac", "tau_h", "clip_frac", "loss", "grad_norm", "lr", "generation_s", "scoring_s", "update_s"}  # fmt: skip
     assert len(metrics) == 1 and keys <= metrics[0].keys()
     assert (tmp_path / "b" / "samples.jsonl").read_text().count("\n") == 4
     for record in map(json.loads, (tmp_path / "b" / "spurious.jsonl").open()):
@@ -1101,25 +873,133 @@ def test_cli_smoke_run_from_the_readme(tmp_path):
     # quiet: the config is a file, one line says where; no progress bar of a one-shard save
     assert f"config: {tmp_path / 'stapo_config.json'}" in result.stdout and "{" not in result.stdout
     assert "shards" not in result.stdout + result.stderr and len(result.stdout.splitlines()) <= 8
-    # the KV budget is fixed before loading (afterwards the weights hold memory) and recorded for an exact resume
-    assert json.loads((tmp_path / "stapo_config.json").read_text())["kv_cache_gb"] > 0
+    # the generate batch is fixed before loading (afterwards the weights hold memory) and recorded for a resume
+    assert json.loads((tmp_path / "stapo_config.json").read_text())["generate_batch"] == 64
 
 
-@pytest.mark.slow  # a subprocess: imports torch and transformers again
-def test_ctrl_c_finishes_the_step_and_saves(tmp_path):
-    args = ["--model", "tiny", "--dataset", "toy", "--steps", "1000", "--prompts-per-step", "2", "--group-size", "2",
-            "--max-new-tokens", "8", "--output-dir", str(tmp_path)]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "stapo.py", *args], cwd=HERE, stdout=subprocess.PIPE, text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 60
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
-        time.sleep(0.1)
+def stop_in(phase: str, step: int, monkeypatch):
+    """Ask the run to stop (as Ctrl-C does) while `phase` of `step` runs: inside generate, or inside the scoring
+    pass that comes before the update's micro-batches."""
+    name = {"generation": "generate", "update": "score"}[phase]
+    real, calls = getattr(stapo, name), []
+
+    def asking(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            stapo.STOP.append(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stapo, name, asking)
+
+
+@pytest.mark.parametrize("phase", ["generation", "update"])
+def test_a_stop_drops_the_step_under_way_saves_the_last_and_resumes_exactly(phase, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    flags = [*SMALL, "--tau-p", "0.5", "--lr", "1e-2", "--steps", "3", "--save-every", "100"]
+    stapo.main([*flags, "--output-dir", str(tmp_path / "straight")])
+    stop_in(phase, 2, monkeypatch)
+    stapo.main([*flags, "--output-dir", str(tmp_path / "stopped")])
+    monkeypatch.undo()
+    assert steps_of(tmp_path / "stopped" / "metrics.jsonl") == [1]  # step 2 was dropped whole
+    assert [p.name for p in (tmp_path / "stopped").glob("step-*")] == ["step-000001"]
+    resume = f"stopped; resume with: python stapo.py --resume {tmp_path / 'stopped' / 'step-000001'}"
+    assert resume in capsys.readouterr().out
+    stapo.main(["--resume", str(tmp_path / "stopped" / "step-000001")])
+    a, b = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("straight", "stopped"))
+    assert [m["step"] for m in b] == [1, 2, 3]
+    for key in ("reward", "len_mean", "n_spurious", "loss", "grad_norm"):
+        assert [m[key] for m in b] == pytest.approx([m[key] for m in a], rel=1e-5, abs=1e-7), key
+    wa, wb = (load_file(tmp_path / run / "step-000003" / "model.safetensors") for run in ("straight", "stopped"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("phase", "patched", "advice"),
+    [("generation", "generate", "try --generate-batch 2"), ("update", "ppo_update", "try --micro-batch-tokens 8192")],
+)
+def test_out_of_memory_is_one_line_and_the_last_checkpoint_stays(phase, patched, advice, tmp_path, monkeypatch):
+    real, calls = getattr(stapo, patched), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stapo, patched, failing)
+    with pytest.raises(SystemExit) as exit_info:
+        stapo.main([*SMALL, "--steps", "3", "--save-every", "1", "--generate-batch", "4",
+                    "--output-dir", str(tmp_path)])  # fmt: skip
+    message = str(exit_info.value.code)
+    assert message.startswith(f"out of memory in {phase}: ") and advice in message and "\n" not in message
+    assert f"The last checkpoint, {tmp_path / 'step-000001'}, is intact" in message and "python plan.py" in message
+    assert [p.name for p in tmp_path.glob("step-*")] == ["step-000001"] and not list(tmp_path.glob(".tmp-*"))
+    stapo.load_policy(str(tmp_path / "step-000001"), CPU)  # loads
+
+
+def start(args: list[str], launcher: list[str] | None = None, script=("stapo.py",)) -> tuple[subprocess.Popen, list]:
+    """stapo.py in a subprocess, and the lines of its stdout as they come."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*(launcher or [sys.executable]), *script, *args], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    lines = []
+    proc.reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    proc.reader.start()
+    return proc, lines
+
+
+def finish(proc: subprocess.Popen, seconds: float = 120) -> str:
+    """Waits for the process and its stdout; returns its stderr."""
+    proc.wait(timeout=seconds)
+    proc.reader.join(timeout=10)
+    return proc.stderr.read()
+
+
+def wait_for(condition, seconds: float = 120):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow  # subprocesses: each imports torch and transformers again
+def test_ctrl_c_at_each_stage_ends_in_one_line(tmp_path):
+    # while tiny-sft is taught the answer format (its model loads for ~15 s): at once, one line, nothing saved
+    proc, out = start(["--model", "tiny-sft", "--steps", "2", "--output-dir", str(tmp_path / "a")])
+    wait_for(lambda: any(line.startswith("data:") for line in out))  # the data is read: the model is loading
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0
-    done = metrics.read_text().count("\n")
-    assert (tmp_path / f"step-{done:06d}" / "model.safetensors").exists(), out
-    assert done < 1000
+    err = finish(proc)
+    assert proc.returncode == 130 and err.strip() == "stopped at once; the last complete checkpoint is none", err
+    # in the middle of a step: the step is dropped, the last completed one saved, the command to resume printed
+    args = ["--model", "tiny", "--steps", "1000", "--prompts-per-step", "8", "--group-size", "8", "--max-new-tokens",
+            "64", "--save-every", "1000"]  # fmt: skip
+    proc, out = start([*args, "--output-dir", str(tmp_path / "b")])
+    wait_for(lambda: any(line.startswith("step    1/") for line in out))
+    proc.send_signal(signal.SIGINT)
+    err = finish(proc)
+    done = len(steps_of(tmp_path / "b" / "metrics.jsonl"))
+    ckpt = tmp_path / "b" / f"step-{done:06d}"
+    assert proc.returncode == 0 and "Traceback" not in err and (ckpt / "model.safetensors").exists()
+    assert out[-1].strip() == f"stopped; resume with: python stapo.py --resume {ckpt}"
+    # a second Ctrl-C while the checkpoint is written (torch.save made slow): at once, one line naming the last
+    # complete checkpoint, and the half-written folder removed
+    slow_save = (
+        "import time, torch, stapo; save = torch.save; torch.save = lambda *a: time.sleep(3) or save(*a); stapo.main()"
+    )
+    proc, out = start([*args, "--output-dir", str(tmp_path / "c")], script=("-c", slow_save))
+    wait_for(lambda: any(line.startswith("step    1/") for line in out))
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: list((tmp_path / "c").glob(".tmp-step-*")))
+    proc.send_signal(signal.SIGINT)
+    err = finish(proc)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "stopped at once; the last complete checkpoint is none"
+    assert not list((tmp_path / "c").glob(".tmp-*")) and not list((tmp_path / "c").glob("step-*"))
 
 
 def readme_method_commands() -> dict[str, list[str]]:
@@ -1165,7 +1045,9 @@ def test_readme_runs_the_four_methods(tmp_path):
         (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
         (["--device", "gpu"], "--device gpu: must be auto, cpu, cuda or cuda:N"),
         (["--group-size", "1"], "--group-size 1: must be at least 2"),
-        (["--kv-cache-gb", "inf"], "--kv-cache-gb inf: must be a finite number"),
+        (["--gpu-memory-gb", "inf"], "--gpu-memory-gb inf: must be a finite number"),
+        (["--generate-batch", "-1"], "--generate-batch -1: must be at least 0"),
+        (["--lr=-1e-6"], "--lr -1e-06: must be above 0"),
         (["--temperature", "nan"], "--temperature nan: must be"),
     ],
 )  # fmt: skip
@@ -1198,7 +1080,9 @@ def test_help_lists_the_allowed_values_of_every_choice_flag(capsys):
 
 
 def test_unknown_dataset_file_fails_clearly(tmp_path):
-    with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
+    with pytest.raises(
+        SystemExit, match="missing.jsonl: no local file or folder of that name here, and it is not a Hub id"
+    ):
         stapo.main(
             ["--model", "tiny", "--dataset", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "o")]
         )
@@ -1242,7 +1126,7 @@ def test_resuming_an_earlier_checkpoint_in_place_is_refused_and_a_branch_keeps_t
         stapo.main(["--resume", str(run4 / "step-000002"), "--steps", "4"])
     branch = tmp_path / "branch"
     stapo.main(["--resume", str(run4 / "step-000002"), "--steps", "3", "--lr", "1e-3", "--output-dir", str(branch)])
-    assert steps_of(branch / "metrics.jsonl") == [1, 2, 3]  # the parent's history up to step 2, then its own
+    assert steps_of(branch / "metrics.jsonl") == [3]  # its own history: the parent's stays in the parent's folder
     config = json.loads((branch / "stapo_config.json").read_text())
     assert config["branched_from"] == str((run4 / "step-000002").resolve()) and config["lr"] == 1e-3
     assert {p.name: p.read_bytes() for p in run4.glob("*.jsonl")} == original  # nothing of the parent touched
@@ -1279,29 +1163,30 @@ def test_resume_applies_lr_and_weight_decay_and_refuses_another_model(run4, caps
     assert "holds weights trained from tiny" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         stapo.parse_args(["--resume", str(run4 / "step-000004"), "--steps", "4"])
-    assert "--steps 4: " in (err := capsys.readouterr().err) and "is at step 4 already" in err
+    assert "is at step 4 already, and --steps 4 counts all" in capsys.readouterr().err
     stapo.main(["--resume", str(run4 / "step-000004"), "--steps", "5", "--lr", "0.05", "--weight-decay", "0.5"])
     last = json.loads((run4 / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 5 and last["lr"] == pytest.approx(0.05 * 5 / 10)  # warm-up step 5 of 10 at the new lr
-    state = torch.load(run4 / "step-000005" / "trainer_state.pt", weights_only=True)
-    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.5
+    optimizer = torch.load(run4 / "step-000005" / "optimizer.pt", weights_only=True)
+    assert optimizer["param_groups"][0]["weight_decay"] == 0.5
     assert json.loads((run4 / "stapo_config.json").read_text())["lr"] == 0.05
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"", "the file is empty"),
-        (b'{"problem": "a", "answer": "1"}\n{"problem": "b", "ans\n', "line 2: not JSON"),
-        (b'{"problem": "caf\xe9", "answer": "1"}\n', "line 1: not UTF-8"),
-        (b'{"prompt": [{"role": "system", "content": "x"}], "answer": "1"}\n', "first: row 1: no problem"),
+        (b"", r"no usable row \(empty\)"),
+        (b'{"problem": "a", "answer": "1"}\n{"problem": "b", "ans\n', "line 2: not a JSON object"),
+        (b'{"problem": "caf\xe9", "answer": "1"}\n', "line 1: not a JSON object .*utf-8"),
+        (b'[1, 2]\n', r"line 1: not a JSON object \(a JSON list\)"),
+        (b'{"prompt": [{"role": "system", "content": "x"}], "answer": "1"}\n', r"no usable row \(row 1: no problem"),
     ],
 )  # fmt: skip
-def test_bad_data_files_give_one_line_naming_file_and_line(tmp_path, content, message):
+def test_bad_data_files_give_one_line_naming_file_and_line(tiny, tmp_path, content, message):
     path = tmp_path / "data.jsonl"
     path.write_bytes(content)
     with pytest.raises(SystemExit, match=message) as exit_info:
-        stapo.load_problems(tiny_cfg(dataset=str(path)))
+        load(tiny_cfg(dataset=str(path)), tiny[1])
     assert str(path) in str(exit_info.value.code)
 
 
@@ -1314,26 +1199,24 @@ def test_max_prompt_tokens_that_fits_no_problem_is_named(tiny):
 def test_a_folder_whose_run_stopped_before_any_checkpoint_is_named(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "stapo_config.json").write_text("{}")
-    with pytest.raises(SystemExit, match="stopped before its first checkpoint; there is nothing to resume"):
+    with pytest.raises(SystemExit, match=r"stopped before its first checkpoint \(nothing to resume\)"):
         stapo.main([*SMALL, "--steps", "1", "--output-dir", str(tmp_path / "run")])
 
 
 def test_odd_model_data_and_checkpoint_folders_are_named(run4, tmp_path, capsys):
-    with pytest.raises(
-        SystemExit, match=r"no config.json in it, so not a model folder \(a run folder: pass one of its"
-    ):
-        stapo.load_model_config(str(run4))
+    with pytest.raises(SystemExit, match=r"a run folder: pass one of its checkpoints, e.g. .*step-000004"):
+        stapo.main(["--model", str(run4), "--output-dir", str(tmp_path / "out")])
     (tmp_path / "data.csv").write_text("problem,answer\n")
-    with pytest.raises(SystemExit, match="local files are read as .jsonl, .json"):
-        stapo.load_problems(tiny_cfg(dataset=str(tmp_path / "data.csv")))
+    with pytest.raises(SystemExit, match="local files are .jsonl, .json or .parquet"):
+        load(tiny_cfg(dataset=str(tmp_path / "data.csv")), None)
     shutil.copytree(run4 / "step-000004", tmp_path / "best")
     with pytest.raises(SystemExit):
         stapo.parse_args(["--resume", str(tmp_path / "best"), "--steps", "9"])
-    assert "not a checkpoint folder (step-N with a trainer_state.pt" in capsys.readouterr().err
+    assert "not a checkpoint of this trainer (a step-N folder with a trainer_state.pt" in capsys.readouterr().err
     (run4 / "step-000004" / "stapo_config.json").write_text("[1, 2]")
     with pytest.raises(SystemExit):
         stapo.parse_args(["--resume", str(run4 / "step-000004"), "--steps", "9"])
-    assert "its stapo_config.json is missing or damaged" in capsys.readouterr().err
+    assert "readable stapo_config.json" in capsys.readouterr().err
 
 
 def test_damaged_checkpoint_files_give_one_line(run4, capsys):
@@ -1341,10 +1224,10 @@ def test_damaged_checkpoint_files_give_one_line(run4, capsys):
     with pytest.raises(SystemExit) as exit_info:
         stapo.main(["--resume", str(run4 / "step-000004"), "--steps", "5"])
     message = str(exit_info.value.code)
-    assert "trainer_state.pt: not a readable trainer state" in message and "weights_only" not in message
+    assert "step-000004: not a readable trainer state" in message and "weights_only" not in message
     (run4 / "step-000002" / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match=r"step-000002: cannot be loaded from it \(SafetensorError"):
-        stapo.load_model(str(run4 / "step-000002"), CPU, None)
+    with pytest.raises(SystemExit, match=r"--model .*step-000002: SafetensorError"):
+        stapo.load_policy(str(run4 / "step-000002"), CPU)
 
 
 def test_a_full_disk_while_saving_names_the_last_good_checkpoint(run4, tmp_path, monkeypatch, tiny):
@@ -1357,16 +1240,19 @@ def test_a_full_disk_while_saving_names_the_last_good_checkpoint(run4, tmp_path,
 
     monkeypatch.setattr(stapo.torch, "save", disk_full)
     with pytest.raises(SystemExit) as exit_info:
-        stapo.save_checkpoint(model, tok, optimizer, scheduler, cfg, 6)
+        stapo.save_checkpoint(model, tok, optimizer, scheduler, cfg, 6, stapo.rng_states())
     message = str(exit_info.value.code)
-    assert "the disk is full" in message and message.endswith(f"the last good checkpoint is {run4 / 'step-000004'}")
+    assert "No space left on device" in message and message.endswith(f"last good checkpoint is {run4 / 'step-000004'}")
     assert not list(run4.glob(".tmp-*")) and not (run4 / "step-000006").exists()
 
 
 @pytest.mark.parametrize("folder", ["/no/such/model", "./runs/nothing", "runs/stapo/step-000001"])
-def test_a_missing_local_folder_is_named_not_looked_up_on_the_hub(folder, capsys):
-    with pytest.raises(SystemExit, match=f"--model {folder}: no such folder"):
-        stapo.main(["--model", folder, "--dry-run"])
+def test_a_missing_local_folder_is_named_at_once(folder, tmp_path):
+    start = time.time()  # a path is not a Hub id: no request, no retries
+    with pytest.raises(SystemExit, match=f"--model {folder}: no local file or folder of that name here, and it is "
+                       "not a Hub id either"):  # fmt: skip
+        stapo.main(["--model", folder, "--output-dir", str(tmp_path / "out")])
+    assert time.time() - start < 5 and not (tmp_path / "out").exists()
 
 
 def test_errors_are_one_line_without_the_usage_block(run4, capsys):
@@ -1375,25 +1261,28 @@ def test_errors_are_one_line_without_the_usage_block(run4, capsys):
             stapo.parse_args(["--model", "tiny", *flags])
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("stapo.py: error: ") and "usage" not in err, err
-    assert "counts all the steps of the run" in err and "step-000004 is at step 4" in err
+    assert "counts all the steps of the run" in err and "step-000004: is at step 4" in err
     with pytest.raises(SystemExit, match=f"--resume {run4 / 'step-000004'}"):  # the real name, not step-NNNNNN
         stapo.check_run_folder(stapo.Config(output_dir=str(run4)))
 
 
 @pytest.mark.slow  # a subprocess: imports torch and transformers again
-def test_offline_hub_gives_one_line_with_the_local_options(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for flags in (["--model", "Qwen/Qwen3-1.7B-Base"], ["--model", "tiny", "--dataset", "nobody/nothing"]):
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no network"])
+def test_a_name_found_nowhere_is_one_line_in_seconds(tmp_path, offline):
+    """Not a local path, and the Hub cannot be asked (HF_HUB_OFFLINE, or no network as on this machine): one line
+    that says both, after one request at most (no retries), and the local cache was tried."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"} if offline == "HF_HUB_OFFLINE" else {**os.environ}
+    env |= {"HF_ENDPOINT": "http://127.0.0.1:9"} if offline == "no network" else {}  # a port nothing listens on
+    for flags, flag, name in ((["--model", "models/Qwen3-1.7B-Base"], "--model", "models/Qwen3-1.7B-Base"),
+                              (["--model", "tiny", "--dataset", "train.csv"], "--dataset", "train.csv")):  # fmt: skip
+        start = time.time()
         result = subprocess.run([sys.executable, "stapo.py", *flags, "--output-dir", str(tmp_path / "x")], cwd=HERE,
                                 capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
-        assert result.returncode == 1 and "Traceback" not in result.stderr
-        lines = result.stderr.splitlines()
-        assert len(lines) == len({re.sub(r"\d+", "N", line) for line in lines})  # no retry said twice
-        assert (
-            "could not load it from the Hugging Face Hub" in result.stderr
-            and "--model tiny --dataset toy" in result.stderr
-        )
-        assert not (tmp_path / "x").exists()
+        assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        reason = "HF_HUB_OFFLINE is set" if offline == "HF_HUB_OFFLINE" else "cannot be reached"
+        assert f"{flag} {name}: no local file or folder of that name here, and " in result.stderr
+        assert reason in result.stderr and "nor is it in the local cache" in result.stderr
+        assert time.time() - start < 30 and not (tmp_path / "x").exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1441,7 +1330,7 @@ def one_process_update(model, rollouts, advantages, cfg):
 
 def two_rank_worker(rank: int, port: int, case_file: str, out_file: str):
     """One of two gloo ranks: each case's update on this rank's share of the rollouts, then a generate
-    in which rank 0 stops after 4 tokens in one call and rank 1 after 48 in four."""
+    in which rank 0 stops after 4 tokens and rank 1 after 48, in two calls each."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     store = join_two_ranks(rank, port)
@@ -1470,9 +1359,8 @@ def two_rank_worker(rank: int, port: int, case_file: str, out_file: str):
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         spurious = stapo.all_records([(rows[s["sample"]], s["position"]) for s in silenced])
         results[mask, loss_agg] = (weights, sorted(spurious))
-    uneven = dataclasses.replace(case["cfg"], max_new_tokens=4 if rank == 0 else 48)
-    budget = 1e12 if rank == 0 else 1.0  # one generate call on rank 0, four on rank 1
-    generated = stapo.generate(model, tok, [stapo.encode_prompt("1+1?", tok)] * 4, uneven, kv_cache_bytes=budget)
+    uneven = dataclasses.replace(case["cfg"], max_new_tokens=4 if rank == 0 else 48, generate_batch=2)  # 2 calls each
+    generated = stapo.generate(model, tok, [stapo.encode_prompt("1+1?", tok)] * 4, uneven)
     lengths = stapo.all_records([generated.completions.shape[1]])
     if rank == 0:
         torch.save({"results": results, "lengths": lengths}, out_file)
@@ -1515,29 +1403,76 @@ def test_the_update_does_not_depend_on_the_number_of_processes(tiny, tmp_path):
     assert out["lengths"] == [4, 48]  # the rank that stopped early did not hang the other
 
 
+def dtypes_of_a_step(model, tok, out_dir: Path) -> dict:
+    """One train_step with AdamW, then a checkpoint: the dtypes of the parameters, the gradients (as the optimizer
+    step sees them), the AdamW states and every tensor saved (on rank 0 under torchrun)."""
+    cfg = tiny_cfg(out_dir, max_new_tokens=8, tau_p=0.5)
+    optimizer, scheduler = stapo.build_optimizer(model, cfg)
+    grads, step = set(), stapo.optimizer_step
+
+    def recording(model, optimizer, grad_clip):
+        grads.update(p.grad.dtype for p in model.parameters() if p.grad is not None)
+        return step(model, optimizer, grad_clip)
+
+    stapo.optimizer_step = recording
+    problems = [{**e, "prompt_ids": stapo.encode_prompt(e["problem"], tok)} for e in stapo.toy_problems()]
+    stapo.train_step(model, tok, optimizer, problems, 0, cfg)
+    stapo.optimizer_step = step
+    ckpt = stapo.save_checkpoint(model, tok, optimizer, scheduler, cfg, 1, stapo.rng_states())
+    dtypes = {"parameters": {p.dtype for p in model.parameters()}, "gradients": grads,
+              "adamw": {t.dtype for s in optimizer.state.values() for t in s.values() if t.dim() > 0}}  # fmt: skip
+    if stapo.rank_and_world()[0] == 0:
+        from safetensors.torch import load_file
+
+        saved = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
+        dtypes["saved"] = {t.dtype for t in load_file(ckpt / "model.safetensors").values()}
+        dtypes["saved adamw"] = {t.dtype for s in saved.values() for t in s.values() if t.dim() > 0}
+    return dtypes
+
+
+def bf16_checkpoint(folder: Path, seed: int = 3):
+    """A model folder as the Hub has them: bf16 weights and a config that says bfloat16."""
+    model, tok = stapo.load_policy("tiny", CPU, seed=seed)  # not the weights a rank would build by itself
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    return model
+
+
 def sharded_load_worker(rank: int, port: int, folder: str, out_file: str):
-    """One of two gloo ranks loads a model folder sharded; records what each rank read whole."""
+    """One of two gloo ranks loads a model folder sharded; records what each rank read whole, then a step's dtypes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     store = join_two_ranks(rank, port)
     reads, load_model = [], stapo.load_model
     stapo.load_model = lambda *args, **kwargs: reads.append(args[0]) or load_model(*args, **kwargs)
-    model = stapo.load_sharded_model(folder, CPU, stapo.load_tokenizer(folder))
+    tok = stapo.load_tokenizer(folder)
+    model = stapo.load_sharded_model(folder, CPU, tok)
     local = {k: p.to_local().numel() for k, p in model.named_parameters()}  # this rank's shards
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     buffers = stapo.all_records([{k: b.clone() for k, b in model.named_buffers()}])
     reads = stapo.all_records([reads])
     eos = stapo.all_records([model.generation_config.eos_token_id])
+    if rank == 0:  # rank 0 writes the checkpoint slowly: no other rank may touch its temporary folder meanwhile
+        save = torch.save
+        torch.save = lambda *args: time.sleep(0.5) or save(*args)
+    dtypes = stapo.all_records([dtypes_of_a_step(model, tok, Path(out_file).parent / "run")])
     if rank == 0:
-        torch.save({"weights": weights, "buffers": buffers, "reads": reads, "local": local, "eos": eos}, out_file)
+        torch.save({"weights": weights, "buffers": buffers, "reads": reads, "local": local, "eos": eos,
+                    "dtypes": dtypes}, out_file)  # fmt: skip
     leave_two_ranks(store)
 
 
+def test_a_bf16_config_trains_fp32_weights_in_one_process(tmp_path):
+    bf16_checkpoint(tmp_path / "model")
+    model, tok = stapo.load_policy(str(tmp_path / "model"), CPU)
+    assert all(v == {torch.float32} for v in dtypes_of_a_step(model, tok, tmp_path / "run").values())
+
+
 @pytest.mark.slow
-def test_torchrun_loads_weights_on_rank_0_only_into_the_shards(tmp_path):
-    model, tok = stapo.load_policy("tiny", CPU, seed=3)  # not the weights a rank would build by itself
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+def test_torchrun_loads_weights_on_rank_0_only_into_fp32_shards(tmp_path):
+    bf16_checkpoint(tmp_path / "model")
+    model, _ = stapo.load_policy(str(tmp_path / "model"), CPU)  # one process reads the same folder
     run_two_ranks(sharded_load_worker, (str(tmp_path / "model"), str(tmp_path / "out.pt")))
     out = torch.load(tmp_path / "out.pt", weights_only=False)
     assert out["reads"] == [[str(tmp_path / "model")], []]  # rank 1 never loads the whole model
@@ -1549,6 +1484,11 @@ def test_torchrun_loads_weights_on_rank_0_only_into_the_shards(tmp_path):
     for buffers in out["buffers"]:  # the rotary frequencies, not in a state dict, reach rank 1 as well
         assert all(torch.equal(b, model.get_buffer(k)) for k, b in buffers.items())
     assert out["eos"][0] == out["eos"][1] == model.generation_config.eos_token_id
+    # the config says bfloat16, as every Hub Qwen3 config does: the shards, gradients, AdamW states and the
+    # checkpoint are fp32 all the same (bf16 weights would drop a 1e-6 update)
+    for rank_dtypes in out["dtypes"]:
+        assert rank_dtypes and all(v == {torch.float32} for v in rank_dtypes.values()), rank_dtypes
+    assert {"saved", "saved adamw"} <= out["dtypes"][0].keys()
 
 
 def bf16_rollouts_worker(rank: int, port: int, out_file: str):
@@ -1558,11 +1498,11 @@ def bf16_rollouts_worker(rank: int, port: int, out_file: str):
     store = join_two_ranks(rank, port)
     tok = stapo.load_tokenizer("tiny")
     model = stapo.load_sharded_model("tiny", CPU, tok, bf16=True)
-    with stapo.unsharded(model):
-        gathered = next(model.parameters()).dtype
+    with stapo.sampling_weights(model, bf16=True) as sampler:
+        gathered = next(sampler.parameters()).dtype
     seen, update = [], DynamicLayer.update
     DynamicLayer.update = lambda self, k, v, *a, **kw: seen.append((k.dtype, v.dtype)) or update(self, k, v, *a, **kw)
-    stapo.generate(model, tok, [stapo.encode_prompt("1+1?", tok)] * 2, tiny_cfg(precision="bf16-autocast"), "x", 1e9)
+    stapo.generate(model, tok, [stapo.encode_prompt("1+1?", tok)] * 2, tiny_cfg(precision="bf16-autocast"), "x")
     records = stapo.all_records([(gathered, sorted(set(seen), key=str))])
     if rank == 0:
         torch.save(records, out_file)
@@ -1593,30 +1533,38 @@ def torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProce
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_train_save_and_resume_exactly(tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_torchrun_stops_on_sigterm_saves_the_last_step_and_resumes_exactly(tmp_path):
+    """torchrun's agent forwards SIGTERM (or Ctrl-C) to every rank and kills them ~30 s later: the ranks stop together
+    at the next safe point, save the last completed step, and the run resumes from it as if never stopped."""
+    from safetensors.torch import load_file
 
-    flags = [*SMALL, "--prompts-per-step", "4", "--device", "cpu", "--tau-p", "0.5", "--lr", "1e-3"]
-    first = torchrun([*flags, "--steps", "2", "--save-every", "1", "--output-dir", str(tmp_path / "a")])
-    assert first.returncode == 0, first.stderr[-3000:]
-    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
-    assert [m["samples"] for m in metrics] == [8, 8]  # P x G of both ranks in every row
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "step-000002")  # one process, no torch.distributed
-    initial, _ = stapo.load_policy("tiny", CPU, seed=0)
-    assert any(not torch.equal(p, q) for p, q in zip(loaded.parameters(), initial.parameters(), strict=True))
+    flags = [*SMALL, "--prompts-per-step", "4", "--device", "cpu", "--tau-p", "0.5", "--lr", "1e-3", "--steps", "4"]
+    straight = torchrun([*flags, "--save-every", "2", "--output-dir", str(tmp_path / "a")])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    metrics = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert [m["samples"] for m in metrics] == [8, 8, 8, 8]  # P x G of both ranks in every row
 
-    resumed = torchrun(["--resume", str(tmp_path / "a" / "step-000001"), "--steps", "2", "--output-dir",
-                        str(tmp_path / "b")])  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc, out = start([*flags, "--save-every", "100", "--output-dir", str(tmp_path / "b")], launcher)
+    wait_for(lambda: any(line.startswith("step    1/") for line in out))
+    proc.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler does
+    finish(proc)
+    done = len(steps_of(tmp_path / "b" / "metrics.jsonl"))
+    ckpt = tmp_path / "b" / f"step-{done:06d}"
+    assert 1 <= done < 4 and (ckpt / "optimizer.pt").exists() and any("resume with: torchrun" in line for line in out)
+    resumed = torchrun(["--resume", str(ckpt)])  # in its own folder, to the 4 steps of its config
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    again = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[-1])
+    again = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
     for key in ("reward", "len_mean", "n_spurious", "loss", "grad_norm"):
-        assert again[key] == pytest.approx(metrics[1][key], rel=1e-5, abs=1e-7), key
-    branch = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "step-000002")
-    for p, q in zip(loaded.parameters(), branch.parameters(), strict=True):
-        assert torch.allclose(p, q, atol=1e-6)
+        assert [m[key] for m in again] == pytest.approx([m[key] for m in metrics], rel=1e-5, abs=1e-7), key
+    a, b = (load_file(tmp_path / run / "step-000004" / "model.safetensors") for run in ("a", "b"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    initial = stapo.load_policy("tiny", CPU, seed=0)[0].state_dict()  # the run trained, one process reads it
+    assert any(not torch.equal(a[k], initial[k]) for k in a)
 
     with pytest.raises(SystemExit):  # another number of processes: a clear stop
-        stapo.parse_args(["--resume", str(tmp_path / "a" / "step-000002"), "--steps", "3"])
+        stapo.parse_args(["--resume", str(tmp_path / "a" / "step-000002"), "--steps", "5"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1633,20 +1581,18 @@ def test_read_jsonl_drops_a_torn_last_line_with_a_warning(tmp_path, capsys):
 def test_read_jsonl_stops_at_a_malformed_line_before_the_last(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n')
-    with pytest.raises(SystemExit, match=r"metrics.jsonl: line 2: not JSON"):
+    with pytest.raises(SystemExit, match=r"metrics.jsonl: line 2: not a JSON object"):
         stapo.read_jsonl(path)
 
 
 # ----------------------------------------------------------------------------------------------
 # Trackers: fake packages in sys.modules record the calls
 
-METRICS = {"step": 3, "steps": 10, "reward": 0.5, "tau_h": None, "n_spurious": 2, "spurious_frac": 1e-4}
-LOGGED = {"steps": 10, "reward": 0.5, "n_spurious": 2, "spurious_frac": 1e-4}  # numbers only; step goes apart
 
-
-def fake_wandb_like(calls: list) -> types.ModuleType:
+def fake_wandb_like(kind: str, calls: list) -> types.ModuleType:
     """A module with wandb's (and trackio's) init/log/finish that appends each call to `calls`."""
-    fake = types.ModuleType("fake")
+    fake = types.ModuleType(kind)
+    fake.__spec__ = importlib.machinery.ModuleSpec(kind, None)  # importable, as far as parse_args can tell
     fake.init = lambda **kwargs: calls.append(("init", kwargs))
     fake.log = lambda metrics, step=None: calls.append(("log", metrics, step))
     fake.finish = lambda: calls.append(("finish",))
@@ -1656,61 +1602,13 @@ def fake_wandb_like(calls: list) -> types.ModuleType:
 @pytest.mark.parametrize("kind", ["wandb", "trackio"])
 def test_wandb_and_trackio_get_the_config_and_each_step(kind, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setitem(sys.modules, kind, fake_wandb_like(calls))
-    cfg = stapo.Config(report_to=kind, output_dir=str(tmp_path / "run-7"))
-    tracker = stapo.open_tracker(cfg, {"mask": "s2t", "lr": 1e-6})
-    tracker.log(METRICS, step=3)
-    tracker.finish()
-    init = {"project": "stapo", "name": "run-7", "config": {"mask": "s2t", "lr": 1e-6}}
-    if kind == "wandb":
-        init["dir"] = str(tmp_path / "run-7")  # wandb writes its files next to the run's; trackio has no dir
-    assert calls == [("init", init), ("log", LOGGED, 3), ("finish",)]
-
-
-def test_tensorboard_gets_one_scalar_per_number_and_the_config(tmp_path, monkeypatch, capsys):
-    calls = []
-
-    class FakeWriter:
-        def __init__(self, log_dir):
-            calls.append(("writer", log_dir))
-
-        def add_text(self, tag, text):
-            calls.append(("text", tag, json.loads(text)))
-
-        def add_scalar(self, tag, value, step):
-            calls.append(("scalar", tag, value, step))
-
-        def close(self):
-            calls.append(("close",))
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
-    cfg = stapo.Config(report_to="tensorboard", output_dir=str(tmp_path))
-    tracker = stapo.open_tracker(cfg, {"mask": "s2t"})
-    tracker.log(METRICS, step=3)
-    tracker.finish()
-    assert calls == [
-        ("writer", str(tmp_path / "tensorboard")),
-        ("text", "config", {"mask": "s2t"}),
-        *[("scalar", key, value, 3) for key, value in LOGGED.items()],
-        ("close",),
-    ]
-    assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in capsys.readouterr().out  # where the logs go
-
-
-@pytest.mark.parametrize("kind, module", [("wandb", "wandb"), ("trackio", "trackio"), ("tensorboard", "tensorboard")])
-def test_a_missing_tracker_package_says_what_to_install(kind, module, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, module, None)
-    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)  # re-import: it imports tensorboard
-    cfg = stapo.Config(report_to=kind, output_dir=str(tmp_path))
-    with pytest.raises(SystemExit, match=f"--report-to {kind} needs the {module} package: pip install {module}"):
-        stapo.open_tracker(cfg, {})
-
-
-def test_report_to_none_logs_nothing(tmp_path):
-    tracker = stapo.open_tracker(stapo.Config(report_to="none", output_dir=str(tmp_path)), {})
-    tracker.log(METRICS, step=3)
-    tracker.finish()
-    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setitem(sys.modules, kind, fake_wandb_like(kind, calls))
+    stapo.main([*SMALL, "--steps", "2", "--report-to", kind, "--output-dir", str(tmp_path / "run-7")])
+    (_, init), *logs, finish = calls
+    assert init["project"] == "stapo" and init["name"] == "run-7" and init["config"]["report_to"] == kind
+    assert [(name, step) for name, _, step in logs] == [("log", 1), ("log", 2)] and finish == ("finish",)
+    metrics = json.loads((tmp_path / "run-7" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert logs[-1][1] == {k: v for k, v in metrics.items() if isinstance(v, int | float)}  # numbers only
 
 
 # ----------------------------------------------------------------------------------------------
