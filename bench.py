@@ -258,8 +258,9 @@ def extrapolate(metrics: dict, cfg: stapo.Config, config, device: torch.device, 
     """Seconds of a default step from this one: its decoding steps at the rate measured (a lower bound: later steps
     attend to longer contexts), scoring and update in proportion to the tokens."""
     default = stapo.Config(gpu_memory_gb=cfg.gpu_memory_gb, precision=cfg.precision)
-    default_calls = stapo.memory_parts(config, default, 1, stapo.device_memory(default, device),
-                                       stapo.uses_bf16(default, device))  # fmt: skip
+    default_calls = stapo.fit(
+        config, default, 1, stapo.device_memory(default, device), stapo.uses_bf16(default, device)
+    )
     default_calls = -(-default.prompts_per_step * default.group_size // default_calls["generate_batch"])
     steps = calls * cfg.max_new_tokens
     tokens = metrics["samples"] * (cfg.max_prompt_tokens + metrics["len_mean"])

@@ -4,7 +4,7 @@
     python plan.py --model Qwen/Qwen3-8B-Base --gpus 8             # one rank of torchrun on 8 GPUs
     python plan.py --model Qwen/Qwen3-1.7B-Base --gpu-memory-gb 141 --max-new-tokens 8192   # any stapo.py flag
 
-stapo.py decides two things from the same arithmetic once, before its weights load (stapo.memory_parts):
+stapo.py decides two things once, before its weights load (stapo.fit):
 gradient checkpointing, and how many sequences one generate call holds. This tool prints every part of that
 arithmetic in the phase where it is alive, the peak of each phase, and when a peak does not fit, the fewest
 changes that make it fit (more GPUs, checkpointing, a smaller micro-batch, a smaller generate batch,
@@ -14,7 +14,6 @@ shorter answers), each with its peak. eval.py sizes its generate calls with eval
 import argparse
 import dataclasses
 import itertools
-import math
 import sys
 
 import torch
@@ -49,25 +48,54 @@ PART_LABELS = {
 
 def plan_memory(model_config, cfg: stapo.Config, world_size: int = 1, device_bytes: float | None = None,
                 device_type: str = "cuda") -> dict:  # fmt: skip
-    """stapo.memory_parts with the parts only a phase table needs, and the peak of each phase (PHASES), on one rank
-    of world_size with device_bytes (default: --gpu-memory-gb, else 80 GB)."""
-    c = model_config
+    """Every part one rank holds and the peak of each phase (PHASES), after the two decisions a run takes with
+    stapo.fit (gradient checkpointing, the generate batch); device_bytes: --gpu-memory-gb, else 80 GB. Measured
+    against the allocations of a real-width backward in test_plan.py."""
+    c, W = model_config, world_size
     if getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None):
         raise SystemExit(f"{cfg.model}: a mixture of experts ({c.model_type}); the plan covers dense decoders")
     bf16 = stapo.uses_bf16(cfg, torch.device(device_type))
-    plan = stapo.memory_parts(c, cfg, world_size, device_bytes or (cfg.gpu_memory_gb or 80) * 1e9, bf16)
-    n = plan["generate_batch"]
-    plan |= {
-        "kv_cache": n * plan["kv_per_sequence"],
-        "sampling": n * plan["sampler_per_sequence"],
-        "optimizer_temporaries": plan["weights"],  # AdamW's foreach step: one fp32 temporary per parameter
-        "forward_working": plan["tokens"] * (6 * c.intermediate_size + 14 * c.hidden_size),
-    }  # one layer's
+    fit = stapo.fit(c, cfg, W, device_bytes or (cfg.gpu_memory_gb or 80) * 1e9, bf16)
+    n, layer, D, M, H, K, d, L, V = stapo.sizes(c)
+    seq, ckpt, tied = cfg.max_prompt_tokens + cfg.max_new_tokens, fit["checkpointing"], c.tie_word_embeddings
+    tokens = max(1, cfg.micro_batch_tokens // seq) * seq
+    chunk, per_layer = (
+        min(cfg.logit_chunk or tokens, tokens),
+        stapo.activation_bytes_per_token(c) + 4 * (H - K) * d + 2 * seq,
+    )
+    kv = fit["generate_batch"] * seq * stapo.kv_bytes_per_token(c, bf16)
+    plan = {
+        "budget": fit["budget"], "parameters": n, "tokens": tokens, "gradient_checkpointing": ckpt,
+        "generate_batch": fit["generate_batch"],
+        "generate_calls": -(-cfg.prompts_per_step * cfg.group_size // W // fit["generate_batch"]),
+        "weights": 4 * n / W, "gradients": 4 * n / W, "adamw": 8 * n / W, "optimizer_temporaries": 4 * n / W,
+        # bf16 copies for compute: autocast's, kept for backward (not the embedding table's), and the LM head's;
+        # with checkpointing only the head's; under FSDP2 the gathered root and about two layers at a time
+        "compute_weights": (2 * V * D if ckpt else 2 * (n - V * D * (not tied))) * bf16 if W == 1 else
+                           (2 if bf16 else 4) * (n - (L - 2) * layer),
+        "rollout_weights": fit["generation"] - 12 * n / W - fit["generate_batch"] * fit["per_sequence"],
+        "kv_cache": kv, "sampling": fit["generate_batch"] * fit["per_sequence"] - kv,
+        "forward_working": tokens * (6 * M + 14 * D),  # one layer's transients without grad, the hidden states
+        "activations_full": tokens * (L * per_layer + 12 * D),  # + the final norm and the LM head's input
+        "activations_checkpointed": tokens * (L * 4 * D + 12 * D),  # each layer's fp32 input, the head's input
+        # later in backward, checkpointing recomputes one layer: 1.12x its activations (measured), its bf16 copies
+        "recompute": (tokens * 1.12 * per_layer + 2 * layer * bf16) * ckpt,
+        "lm_head_chunk": 16 * chunk * V,  # fp32 logits, log-probs and their gradients
+        # the head in backward: a chunk recomputed while the head's bf16 gradient adds up, then that gradient cast
+        # back to fp32 (the head's bf16 copy freed by then): the larger of the two
+        "lm_head_backward": max(16 * chunk * V + 2 * V * D * bf16, 4 * V * D),
+        # tied: at the end of backward the head's fp32 gradient waits for the embedding's, then both are summed
+        "tied_grads": 12 * V * D * tied,
+    }  # fmt: skip
+    plan["activations"] = plan["activations_checkpointed" if ckpt else "activations_full"]
     for phase, parts in PHASES.items():
         plan[f"peak_{phase.replace(' ', '_')}"] = sum(plan[k] for k in parts)
-    plan["peak_update"] = plan["update"]  # its parts do not all live at once: stapo.memory_parts takes the moments
+    # the update's parts do not all live at once: every activation with the head's backward, or later a layer
+    # recomputed (a tied head's gradient still waiting), or at the very end the tied gradients alone
+    later = plan["recompute"] + 4 * V * D * tied
+    busiest = plan["compute_weights"] + plan["activations"] + max(plan["lm_head_backward"], later)
+    plan["peak_update"] = 16 * n / W + max(busiest, plan["tied_grads"])
     plan["peak"] = max(plan[f"peak_{phase.replace(' ', '_')}"] for phase in PHASES)
-    plan["generate_calls"] = math.ceil(cfg.prompts_per_step * cfg.group_size // world_size / n)
     return plan
 
 
@@ -137,18 +165,15 @@ def fixes_that_fit(model_config, cfg: stapo.Config, world_size: int, device_byte
 
 def eval_plan(model_config, device_bytes: float, bf16: bool, prompt_tokens: int, max_new_tokens: int,
               generate_batch: int = 0) -> dict:  # fmt: skip
-    """eval.py's generate calls: bf16 weights (no gradients, no AdamW) and per sequence its KV cache and the sampler's
-    memory, as stapo.memory_parts counts them; generate_batch 0: as many sequences as HEADROOM leaves room for."""
-    parts = stapo.memory_parts(model_config, stapo.Config(max_prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
-                                                          generate_batch=1), 1, device_bytes, bf16)  # fmt: skip
-    weights, per_sequence = (
-        (2 if bf16 else 4) * parts["parameters"],
-        parts["kv_per_sequence"] + parts["sampler_per_sequence"],
-    )
-    n = generate_batch or max(1, int((parts["budget"] - weights) // per_sequence))
-    return {"bf16": bf16, "weights": weights, "sequences_per_call": n, "tokens_per_sequence": prompt_tokens +
-            max_new_tokens, "kv_cache": n * parts["kv_per_sequence"], "sampling": n * parts["sampler_per_sequence"],
-            "budget": parts["budget"], "total": weights + n * per_sequence}  # fmt: skip
+    """eval.py's generate calls: the weights (bf16 on a GPU; no gradients, no AdamW) and per sequence what stapo.fit
+    counts (its KV cache, the sampler's memory); generate_batch 0: as many sequences as HEADROOM leaves room for."""
+    cfg = stapo.Config(max_prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, generate_batch=1)
+    fit, seq = stapo.fit(model_config, cfg, 1, device_bytes, bf16), prompt_tokens + max_new_tokens
+    weights, kv = (2 if bf16 else 4) * stapo.sizes(model_config)[0], seq * stapo.kv_bytes_per_token(model_config, bf16)
+    n = generate_batch or max(1, int((fit["budget"] - weights) // fit["per_sequence"]))
+    return {"bf16": bf16, "weights": weights, "sequences_per_call": n, "tokens_per_sequence": seq, "kv_cache": n * kv,
+            "sampling": n * (fit["per_sequence"] - kv), "budget": fit["budget"],
+            "total": weights + n * fit["per_sequence"]}  # fmt: skip
 
 
 def eval_plan_line(plan: dict, name: str) -> str:

@@ -49,8 +49,29 @@ from typing import Literal, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 if not {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ):  # read when CUDA starts, later
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # less fragmentation near a full card
@@ -376,9 +397,8 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def sequence_logp(model, rollouts: Rollouts, rows: list[int], cfg: Config, with_entropy: bool = False):
-    """logp (b, T) of the sampled tokens of `rows` (and entropy), T = their longest completion. Layout:
-    [left pad | prompt | completion | right pad]; position ids count real tokens only, exactly as generate()
-    numbered the left-padded prompt, so training log-probs equal sampling ones."""
+    """logp (b, T) of the sampled tokens of `rows` (and entropy), T their longest completion. The layout, [left pad |
+    prompt | completion | right pad], and position ids that count real tokens are generate()'s, so logp equal its."""
     device = next(model.parameters()).device
     run = rows or [0]  # torchrun: an empty micro-batch still runs a forward, in step with busier ranks
     T = int(rollouts.completion_mask[run].sum(1).max())
@@ -423,25 +443,6 @@ def score(model, rollouts: Rollouts, rows: list[int], cfg: Config):
     return logp, entropy
 
 
-@contextmanager
-def timed(phase: str, clock: dict):
-    """clock[phase_s]: its seconds once the GPU is done, and on CUDA clock[phase_gb]: its peak memory. An
-    out-of-memory error leaves with the phase's name as a note."""
-    cuda, start = torch.cuda.is_initialized(), time.perf_counter()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        yield
-        if cuda:
-            torch.cuda.synchronize()
-    except torch.OutOfMemoryError as e:
-        e.add_note(phase)
-        raise
-    clock[f"{phase}_s"] = time.perf_counter() - start
-    if cuda:
-        clock[f"{phase}_gb"] = torch.cuda.max_memory_allocated() / 1e9
-
-
 # ==============================================================================================
 # 4. The loop and main
 
@@ -466,12 +467,8 @@ def train(cfg: Config):
     with loading("--dataset", cfg.dataset, "dataset"):
         problems = load_problems(cfg, tokenizer)
     with loading(flag, name):  # under torchrun, sharded as it loads: only rank 0 reads the whole model
-        bf16 = uses_bf16(cfg, device)
-        model = (
-            load_model(name, device, tokenizer, cfg.seed)
-            if world == 1
-            else load_sharded_model(name, device, tokenizer, cfg.seed, bf16)
-        )
+        load = load_model if world == 1 else functools.partial(load_sharded_model, bf16=uses_bf16(cfg, device))
+        model = load(name, device, tokenizer, cfg.seed)
     if cfg.gradient_checkpointing == "on":  # transformers before 5.23 has the old name only
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.train()
@@ -510,12 +507,12 @@ def train(cfg: Config):
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 last = save_checkpoint(model, tokenizer, optimizer, scheduler, cfg, step + 1, rng_states())
                 print(f"saved {last}")
-    except torch.OutOfMemoryError as e:  # one line: the phase, what was planned for it, what to try
-        phase = (getattr(e, "__notes__", None) or ["update"])[-1]
-        what = (f"{cfg.generate_batch} sequences per generate call, planned at {plan['generation'] / 1e9:.1f} GB; "
-                f"try --generate-batch {max(1, cfg.generate_batch // 2)}" if phase == "generation" else
-                f"micro-batches of {cfg.micro_batch_tokens:,} tokens, the update planned at {plan['update'] / 1e9:.1f}"
-                f" GB; try --micro-batch-tokens {cfg.micro_batch_tokens // 2}")  # fmt: skip
+    except torch.OutOfMemoryError as e:  # one line: the phase, what the plan gave it, what to try
+        phase, half = (getattr(e, "__notes__", None) or ["update"])[-1], cfg.micro_batch_tokens // 2
+        what = (f"{cfg.generate_batch} sequences per generate call (planned at {plan['generation'] / 1e9:.1f} GB); "
+                f"try --generate-batch {max(1, cfg.generate_batch // 2)}" if phase == "generation" else f"micro-"
+                f"batches of {cfg.micro_batch_tokens:,} tokens, checkpointing {cfg.gradient_checkpointing}; try "
+                f"--micro-batch-tokens {half}")  # fmt: skip
         sys.exit(f"out of memory in {phase}: {what}. The last checkpoint, {last or 'none yet'}, is intact; "
                  "python plan.py with the same flags prints the plan of every phase")  # fmt: skip
     finally:
@@ -531,7 +528,9 @@ def train(cfg: Config):
 
 def log_line(m: dict) -> str:
     tau_h = f"{m['tau_h']:.3f}" if m["tau_h"] is not None else "  -  "
-    peak = f" | peak {max(m[k] for k in ('generation_gb', 'scoring_gb', 'update_gb')):.1f} GB" if "update_gb" in m else ""
+    peak = (
+        f" | peak {max(m[k] for k in ('generation_gb', 'scoring_gb', 'update_gb')):.1f} GB" if "update_gb" in m else ""
+    )
     return (
         f"step {m['step']:>4}/{m['steps']} | reward {m['reward']:.3f} | zero-std {m['frac_zero_std']:.2f} | "
         f"len {m['len_mean']:6.1f} | trunc {m['truncated_frac']:.2f} | H {m['entropy']:.3f} | "
@@ -543,9 +542,7 @@ def log_line(m: dict) -> str:
 
 def main(argv=None):
     cfg = parse_args(argv)
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # ours show the rollouts
+    transformers.utils.logging.disable_progress_bar()  # ours show the rollouts
     try:
         train(cfg)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop: stop at once, without a traceback
@@ -604,7 +601,7 @@ def normalize(answer: str) -> str:
         s = re.sub(pattern, replacement, s)
         s = s.replace(",", "") if THOUSANDS.fullmatch(s.strip()) else s  # while spaces still tell lists apart
     s = re.sub(r"\s+", "", s).rstrip(".")
-    return FRAC.sub(lambda m: "\\frac{%s}{%s}" % (m[1].strip("{}"), m[2].strip("{}")), s)
+    return FRAC.sub(lambda m: f"\\frac{{{m[1].strip('{}')}}}{{{m[2].strip('{}')}}}", s)
 
 
 def to_number(s: str) -> float | None:
@@ -619,9 +616,8 @@ def to_number(s: str) -> float | None:
 
 
 def verify(completion: str, gold) -> bool:
-    """Reward: True if the last \\boxed{} of the completion equals the gold answer, as normalised strings or as
-    numbers (integers exactly, else within a relative 1e-4). An empty answer or gold earns nothing. Never raises,
-    never evaluates anything."""
+    """Reward: the last \\boxed{} of the completion equals the gold, as normalised strings or as numbers (integers
+    exactly, else within a relative 1e-4); an empty answer or gold earns nothing. Never raises, never evaluates."""
     boxed = extract_boxed(completion) or ""
     pred, target = normalize(boxed) if len(boxed) <= MAX_ANSWER_CHARS else "", normalize(str(gold))
     if not pred or not target or pred == target:
@@ -670,7 +666,8 @@ def parse_row(row: dict, problem_key: str | None = None, answer_key: str | None 
     if not isinstance(problem, str) or not problem.strip():
         return "no problem text (or a chat without a user turn)"
     if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
-        return f"the gold answer is {'empty' if answer is None or isinstance(answer, str) else 'a ' + type(answer).__name__}"
+        kind = "empty" if answer is None or isinstance(answer, str) else f"a {type(answer).__name__}"
+        return f"the gold answer is {kind}"
     problem = problem.strip().removeprefix(DAPO_PREFIX.strip()).removesuffix(DAPO_SUFFIX.strip()).strip()
     return {"problem": problem, "answer": str(answer).strip()}
 
@@ -694,8 +691,10 @@ def load_problems(cfg: Config, tokenizer) -> list[dict]:
     unique = {e["problem"]: e for e in parsed if isinstance(e, dict)}  # the Hub's DAPO repeats each ~100 times
     if not unique:
         columns = sorted(rows[0]) if rows else []
-        raise ValueError(f"no usable row ({skipped[0] if skipped else 'empty'}); its columns are {columns}: name "
-                         "them with --problem-key and --answer-key")
+        raise ValueError(
+            f"no usable row ({skipped[0] if skipped else 'empty'}); its columns are {columns}: name "
+            "them with --problem-key and --answer-key"
+        )
     problems = [{**e, "prompt_ids": encode_prompt(e["problem"], tokenizer, cfg.prompt_format)} for e in unique.values()]
     fitting = [p for p in problems if len(p["prompt_ids"]) <= cfg.max_prompt_tokens]
     print(f"data: {len(fitting)} problems from {cfg.dataset}; skipped: {len(skipped)} unusable rows"
@@ -721,8 +720,8 @@ def encode_prompt(problem: str, tokenizer, prompt_format: str = "chat") -> torch
 
 
 def pick_problems(problems: list, step: int, cfg: Config) -> list:
-    """The P problems of a step: a fresh seeded permutation each epoch, so a resumed run continues exactly
-    from the step number alone. Under torchrun, this rank's slice of every mini-batch."""
+    """The P problems of a step, a fresh seeded permutation each epoch (a resumed run needs only the step number);
+    under torchrun, this rank's slice of every mini-batch."""
     picked, orders = [], {}
     for pos in range(step * cfg.prompts_per_step, (step + 1) * cfg.prompts_per_step):
         epoch, i = divmod(pos, len(problems))
@@ -740,15 +739,12 @@ def pick_problems(problems: list, step: int, cfg: Config) -> list:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: str = "rollouts") -> Rollouts:
     """One sampled completion per prompt, --generate-batch sequences per generate call (0: all in one)."""
-    from transformers import GenerationConfig
-
     device, eos = next(model.parameters()).device, eos_token_ids(model, tokenizer)
     gen_config = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                                   max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     per_call, completions, was_training = cfg.generate_batch or len(prompts), [], model.training
-    calls = math.ceil(len(prompts) / per_call)
-    progress = DecodeProgress(f"{desc} ({len(prompts)} sequences, {calls} calls)", calls, cfg.max_new_tokens)
+    progress = DecodeProgress(f"{desc} ({len(prompts)} sequences)", -(-len(prompts) // per_call), cfg.max_new_tokens)
     with progress, sampling_weights(model.eval(), uses_bf16(cfg, device)) as sampler:
         for start in range(0, len(prompts), per_call):
             stop_point()  # nothing of this step was applied yet: a stop can drop it whole
@@ -771,12 +767,10 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
 
 @contextmanager
 def sampling_weights(model, bf16: bool):
-    """The policy that generate samples from. Under FSDP2: the whole weights gathered on every rank (bf16 with bf16
-    compute), so generate runs no collective per token and a rank whose answers end early never waits inside a
-    forward. In one process with bf16: a bf16 copy of the fp32 master weights, made at every step and not autocast
-    (Qwen3's fp32 q/k-norm weights make autocast's keys fp32); tied weights stay one tensor, buffers are shared."""
-    from torch.distributed.fsdp import FSDPModule
-
+    """The policy generate samples from. Under FSDP2 the whole weights gathered on every rank (bf16 with bf16
+    compute): generate then runs no collective per token, so no rank waits inside a forward for another. In one
+    process with bf16, a bf16 copy of the fp32 master weights, not autocast (Qwen3's fp32 q/k-norm weights make its
+    keys fp32); tied weights stay one tensor, buffers are shared."""
     if groups := [m for m in model.modules() if isinstance(m, FSDPModule)]:
         model.set_reshard_after_forward(False)
         for group in groups:
@@ -804,43 +798,37 @@ def sampling_weights(model, bf16: bool):
 
 
 class DecodeProgress(tqdm):
-    """generate()'s streamer: decoding steps as a bar in a terminal; in a log file, a status every 30 s once
-    the work has run that long."""
+    """generate()'s streamer: decoding steps as a bar in a terminal, in a log a status every 30 s of long work."""
 
     def __init__(self, desc: str, calls: int, max_new_tokens: int, every: float = 30.0):
-        every = 0.1 if sys.stderr.isatty() else every
+        every, self.per_call = 0.1 if sys.stderr.isatty() else every, max_new_tokens
         super().__init__(total=calls * max_new_tokens, desc=desc, unit="tok", leave=False, mininterval=every,
                          delay=every, disable=rank_and_world()[0] > 0)  # fmt: skip
-        self.per_call, self.calls = max_new_tokens, 0
 
-    def put(self, ids):  # once with the prompt, then once per decoding step
-        self.update(1)
+    def put(self, ids):  # the prompt (2-D), then each decoding step's tokens (1-D)
+        self.update(ids.dim() == 1)
 
     def end(self):  # a call ends, early when every answer has stopped: count it whole
-        self.calls += 1
-        self.update(self.calls * self.per_call - self.n)
+        self.update(-self.n % self.per_call)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends an answer: Qwen3-Base stops on <|endoftext|>, chat turns end on <|im_end|>."""
     configured, im_end = model.generation_config.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
-    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
-    return sorted(i for i in ids | {im_end} if isinstance(i, int) and i != tokenizer.unk_token_id)
+    ids = {tokenizer.eos_token_id, im_end, *(configured if isinstance(configured, list) else [configured])}
+    return sorted(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id)
 
 
 def build_tiny_tokenizer():
     """Byte-level tokenizer (256 bytes + Qwen's three special tokens): any text, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, []))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     return tokenizer
 
@@ -848,13 +836,9 @@ def build_tiny_tokenizer():
 def tiny_config():
     """A 2-layer Qwen3 shaped like the real one (GQA, tied embeddings), for the tiny tokenizer:
     256 bytes, then <|endoftext|> (256, also pad), <|im_start|>, <|im_end|> (258)."""
-    from transformers import Qwen3Config
-
-    return Qwen3Config(
-        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True,
-        eos_token_id=[256, 258], pad_token_id=256, bos_token_id=None,
-    )  # fmt: skip
+    return Qwen3Config(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=256,
+                       tie_word_embeddings=True, eos_token_id=[256, 258], bos_token_id=None)  # fmt: skip
 
 
 def teach_format(model, tokenizer, steps: int = 300):
@@ -878,14 +862,10 @@ def teach_format(model, tokenizer, steps: int = 300):
 
 
 def load_model_config(name: str):
-    from transformers import AutoConfig
-
     return tiny_config() if name in TINY else AutoConfig.from_pretrained(name)
 
 
 def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
     tokenizer = build_tiny_tokenizer() if name in TINY else AutoTokenizer.from_pretrained(name)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return tokenizer
@@ -893,8 +873,6 @@ def load_tokenizer(name: str):
 
 def load_model(name: str, device: torch.device, tokenizer, seed: int = 0, dtype=torch.float32):
     """The policy, in fp32 to train whatever its config says: at lr 1e-6, bf16 weights drop the update."""
-    from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
-
     if name not in TINY:
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True).to(device)
     torch.manual_seed(seed)
@@ -909,42 +887,31 @@ def load_policy(name: str, device: torch.device, seed: int = 0, dtype=torch.floa
         return load_model(name, device, tokenizer, seed, dtype), tokenizer
 
 
-@functools.cache
-def hub_status(name: str, kind: str = "model") -> str:
-    """ "found", or why a Hub id cannot be had: one request of seconds, no retries."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
-
-    try:
-        getattr(HfApi(), f"{kind}_info")(name, timeout=10)
-        return "found"
-    except HFValidationError:
-        return "it is not a Hub id either (namespace/name)"
-    except RepositoryNotFoundError:
-        return f"the Hugging Face Hub has no {kind} of that name"
-    except Exception as e:  # no network, a proxy, a time-out
-        return f"the Hugging Face Hub cannot be reached ({type(e).__name__})"
-
-
 @contextmanager
 def loading(flag: str, name: str, kind: str = "model"):
     """What fails inside is one line naming the flag, not a traceback. A name that is no local path is a Hub id,
     asked for once (seconds, no retries); if the Hub cannot be reached, only the local Hugging Face cache is tried."""
-    from huggingface_hub import constants
-
-    local = name in (*TINY, "toy") or Path(name).exists()
-    status = None if local else "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else hub_status(name, kind)
-    cache = status is not None and ("OFFLINE" in status or "cannot be reached" in status)
-    if cache:  # from here on, no request and no retries
-        os.environ["HF_HUB_OFFLINE"], constants.HF_HUB_OFFLINE = "1", True
+    local, why_not, cache = name in (*TINY, "toy") or Path(name).exists(), None, False
+    if not local and constants.HF_HUB_OFFLINE:
+        why_not, cache = "HF_HUB_OFFLINE is set", True
+    elif not local:
+        try:
+            getattr(HfApi(), f"{kind}_info")(name, timeout=10)
+        except HFValidationError:
+            why_not = "it is not a Hub id either"
+        except RepositoryNotFoundError:
+            why_not = f"the Hugging Face Hub has no {kind} of that name"
+        except Exception as e:  # no network, a proxy, a time-out: from here on the cache only, no more requests
+            why_not, cache = f"the Hugging Face Hub cannot be reached ({type(e).__name__})", True
+            os.environ["HF_HUB_OFFLINE"], constants.HF_HUB_OFFLINE = "1", True
     try:
-        if status not in (None, "found") and not cache:
-            raise FileNotFoundError(status)
+        if why_not and not cache:
+            raise FileNotFoundError(why_not)
         yield
     except Exception as e:  # a damaged file (json, safetensors, parquet, ...), or a name found nowhere
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
-        if status not in (None, "found"):
-            why = f"no local file or folder of that name here, and {status}" + cache * "; nor is it in the local cache"
+        if why_not:
+            why = f"no local file or folder of that name here, and {why_not}" + "; nor is it in the local cache" * cache
         elif latest := latest_checkpoint(Path(name)):
             why = f"a run folder: pass one of its checkpoints, e.g. {latest}"
         sys.exit(f"{flag} {name}: {why}")
@@ -955,7 +922,7 @@ def resolve_device(cfg: Config) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------
-# D. Run folder, checkpoints, log files, command line
+# D. Run folder, checkpoints, log files, stopping, command line
 
 LOG_FILES = ("metrics.jsonl", "samples.jsonl", "spurious.jsonl")
 
@@ -991,7 +958,7 @@ def open_run_folder(cfg: Config, same_run: bool) -> Path:
     out, step = Path(cfg.output_dir), checkpoint_step(cfg.resume or "")
     out.mkdir(parents=True, exist_ok=True)
     for path in (out / name for name in LOG_FILES if same_run and (out / name).exists()):
-        data, records = path.read_bytes(), read_jsonl(out / path.name)
+        data, records = path.read_bytes(), read_jsonl(path)
         kept = [r for r in records if r["step"] <= step]
         if len(kept) < len(records) or data and not data.endswith(b"\n"):
             append_jsonl(path.with_suffix(f".after-step-{step:06d}.jsonl"), records[len(kept) :])
@@ -1008,13 +975,11 @@ def rng_states() -> dict:
 
 
 def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: int, rng: dict) -> Path:
-    """out/step-N, written whole or not at all: a temporary folder, then one rename; a failed write stops with
-    one line naming the last good checkpoint. Under torchrun every rank calls it: torch's state-dict helpers
-    gather the whole weights and optimizer state on rank 0, which writes the files one process writes."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    out, (rank, world), whole = Path(cfg.output_dir), rank_and_world(), StateDictOptions(full_state_dict=True,
-                                                                                         cpu_offload=True)  # fmt: skip
+    """out/step-N, whole or not at all: a temporary folder, then one rename; a failed write stops with one line
+    naming the last good checkpoint. Under torchrun every rank calls it: torch's state-dict helpers gather the
+    whole weights and optimizer state on rank 0, which writes the same files one process writes."""
+    out, (rank, world) = Path(cfg.output_dir), rank_and_world()
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
     final, tmp = out / f"step-{step:06d}", out / f".tmp-step-{step:06d}"
     weights, optim = (
         get_model_state_dict(model, options=whole),
@@ -1039,16 +1004,13 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: i
     finally:  # a failed or interrupted write leaves no temporary folder behind
         if rank == 0:  # the writer's alone: another rank would remove it under the writer's feet
             shutil.rmtree(tmp, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    all_records([])  # every rank waits for the write
     return final
 
 
 def restore(cfg: Config, model, optimizer, scheduler) -> int:
     """Optimizer, schedule and RNG of the checkpoint, then this run's --lr, --weight-decay and --warmup-steps.
     Returns the step to continue from."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     path, (rank, world) = Path(cfg.resume), rank_and_world()
     try:  # weights_only: tensors and numbers, nothing executed (never weights_only=False, as torch suggests)
         state = torch.load(path / "trainer_state.pt", weights_only=True)
@@ -1090,12 +1052,12 @@ def read_jsonl(path: Path, torn_tail_ok: bool = True) -> list[dict]:
     return records
 
 
-def replace_file(path: Path, data: str):
+def replace_file(path: Path, text: str):
     """Replace a file whole or not at all: a temporary file beside it, flushed to disk, then renamed."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            f.write(data)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1125,8 +1087,26 @@ def stop_point():
         raise StopRun
 
 
-AT_LEAST_0 = (lambda v: not isinstance(v, int | float) or v >= 0, "at least 0")  # every other number
-RULES = {  # flag: (allowed?, what is allowed)
+@contextmanager
+def timed(phase: str, clock: dict):
+    """clock[phase_s]: its seconds once the GPU is done, and on CUDA clock[phase_gb]: its peak memory. An
+    out-of-memory error leaves with the phase's name as a note."""
+    cuda, start = torch.cuda.is_initialized(), time.perf_counter()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        yield
+        if cuda:
+            torch.cuda.synchronize()
+    except torch.OutOfMemoryError as e:
+        e.add_note(phase)
+        raise
+    clock[f"{phase}_s"] = time.perf_counter() - start
+    if cuda:
+        clock[f"{phase}_gb"] = torch.cuda.max_memory_allocated() / 1e9
+
+
+RULES = {  # flag: (allowed?, what is allowed); any other number must be at least 0, a choice one of its choices
     "group_size": (lambda v: v >= 2, "at least 2: advantages compare the samples of a group"),
     "tau_p": (lambda v: 0 < v < 1, "a probability in (0, 1); the paper uses 0.002"),
     "q": (lambda v: 0 <= v <= 1, "a quantile in [0, 1]; the paper uses 0.75"),
@@ -1145,20 +1125,23 @@ def parse_args(argv=None) -> Config:
     parser = argparse.ArgumentParser(prog="stapo.py", description=__doc__.split("\n")[0],
                                      epilog="memory plan: python plan.py; curves: python plot.py RUN_DIR")  # fmt: skip
     parser.error = lambda message: parser.exit(2, f"stapo.py: error: {message}\n")  # one line; --help has usage
+    choices = {
+        f.name: f.type.__args__ for f in dataclasses.fields(Config) if getattr(f.type, "__origin__", 0) is Literal
+    }
     for f in dataclasses.fields(Config):
-        choices = f.type.__args__ if getattr(f.type, "__origin__", None) is Literal else None
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=f.type if f.type in (int, float) else str,
-                            choices=choices, default=argparse.SUPPRESS, help=f"{f.metadata['help']} ({f.default})")  # fmt: skip
+                            choices=choices.get(f.name), default=argparse.SUPPRESS, help=f"{f.metadata['help']} "
+                            f"({f.default})")  # fmt: skip
     given = vars(parser.parse_args(argv))  # the flags given, and only those
     base = saved_config(Path(given["resume"]), given, parser.error) if given.get("resume") else {}
     tiny = TINY_DEFAULTS if given.get("model", base.get("model")) in TINY else {}  # CPU-sized unless given
     cfg, world = Config(**{**tiny, **base, **given}), int(os.environ.get("WORLD_SIZE", 1))
-    for f in dataclasses.fields(Config):  # the flags given and a saved config alike
-        value, choices = getattr(cfg, f.name), f.type.__args__ if getattr(f.type, "__origin__", 0) is Literal else ()
-        ok, allowed = (choices.__contains__, f"one of {choices}") if choices else RULES.get(f.name, AT_LEAST_0)
+    for name, value in dataclasses.asdict(cfg).items():  # the flags given and a saved config alike
+        ok, allowed = (choices[name].__contains__, f"one of {choices[name]}") if name in choices else RULES.get(
+            name, (lambda v: not isinstance(v, int | float) or v >= 0, "at least 0"))  # fmt: skip
         finite = not isinstance(value, float) or math.isfinite(value)
         if not finite or value is not None and not ok(value):
-            parser.error(f"--{f.name.replace('_', '-')} {value}: must be {allowed if finite else 'a finite number'}")
+            parser.error(f"--{name.replace('_', '-')} {value}: must be {allowed if finite else 'a finite number'}")
     if cfg.prompts_per_step % (cfg.mini_batches * world):  # torchrun: each process holds whole groups
         parser.error(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by --mini-batches "
                      f"{cfg.mini_batches}" + (f" x {world} processes" if world > 1 else ""))  # fmt: skip
@@ -1191,85 +1174,58 @@ def saved_config(ckpt: Path, given: dict, error) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# E. Fitting the memory, decided once before the weights load: gradient checkpointing, and the sequences
-# of one generate call. GB is 1e9 bytes; n parameters, W ranks. plan.py prints it all, phase by phase.
+# E. Fitting the memory, decided once before the weights load: gradient checkpointing, and how many sequences
+# one generate call holds. GB is 1e9 bytes; n parameters, W ranks. plan.py prints every part, phase by phase.
 
 HEADROOM = 0.9  # plan to 90 % of what is free: the CUDA allocator rounds and fragments
 
 
-def shape(c) -> tuple[int, ...]:
-    """(D hidden, M MLP, H query heads, K key/value heads, d head width, L layers, V vocabulary) of a config."""
-    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    H, K, L = c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers
-    return c.hidden_size, c.intermediate_size, H, K, d, L, c.vocab_size
-
-
-def parameter_count(c) -> tuple[int, int]:
-    """(parameters of the model, of one decoder layer) of a Qwen3/Llama-style config."""
-    D, M, H, K, d, L, V = shape(c)
+def sizes(c) -> tuple[int, ...]:
+    """(n parameters, of one layer, D hidden, M MLP, H query heads, K key/value heads, d head width, L layers, V
+    vocabulary) of a Qwen3/Llama-style config."""
+    D, M, H, K, L, V = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+                        c.num_hidden_layers, c.vocab_size)  # fmt: skip
+    d = getattr(c, "head_dim", None) or D // H
     layer = 2 * D * H * d + 2 * D * K * d + 3 * D * M + 2 * D + 2 * d  # attention, MLP, norms
-    return L * layer + V * D * (1 if getattr(c, "tie_word_embeddings", False) else 2) + D, layer
+    return L * layer + V * D * (1 if getattr(c, "tie_word_embeddings", False) else 2) + D, layer, D, M, H, K, d, L, V
 
 
 def kv_bytes_per_token(c, bf16: bool) -> int:
     """KV-cache bytes per token of a sequence: K and V of every layer."""
-    D, M, H, K, d, L, V = shape(c)
+    n, layer, D, M, H, K, d, L, V = sizes(c)
     return 2 * L * K * d * (2 if bf16 else 4)
 
 
 def activation_bytes_per_token(c) -> int:
     """Bytes autograd keeps per token per decoder layer (fp32 weights, bf16 autocast, no checkpointing), measured
     with saved-tensor hooks at the real widths of Qwen3-1.7B and 8B (test_plan.py): 26 D for the RMSNorms' fp32
-    inputs, outputs and autocast's bf16 casts, 8 M for the MLP, 10 (H + K) d for q/k norms and attention, 8 H +
-    4 K + 8 for reciprocals and logsumexp. The math attention kernel (GPUs before sm80) keeps far more."""
-    D, M, H, K, d, L, V = shape(c)
+    inputs, outputs and autocast's casts, 8 M for the MLP, 10 (H + K) d for q/k norms and attention, 8 H + 4 K
+    + 8 for reciprocals and logsumexp. The math attention kernel (GPUs before sm80) keeps far more."""
+    n, layer, D, M, H, K, d, L, V = sizes(c)
     return 26 * D + 8 * M + 10 * (H + K) * d + 8 * H + 4 * K + 8
 
 
-def memory_parts(c, cfg: Config, world: int, device_bytes: float, bf16: bool) -> dict:
-    """The bytes of what one rank holds, part by part, and the two decisions a run takes from them: gradient
-    checkpointing (on if the update would not fit without it) and the sequences per generate call (what the
-    weights and AdamW states leave free, in as few calls as fit, evenly filled). test_plan.py measures them."""
-    (n, layer), (D, M, H, K, d, L, V), W = parameter_count(c), shape(c), world
-    seq = cfg.max_prompt_tokens + cfg.max_new_tokens  # a full-length sequence
-    tokens = max(1, cfg.micro_batch_tokens // seq) * seq  # a full micro-batch (one sequence at least)
-    chunk = min(cfg.logit_chunk or tokens, tokens)
+def fit(c, cfg: Config, world: int, device_bytes: float, bf16: bool) -> dict:
+    """The two decisions, from the model's shape and the memory: gradient checkpointing (on if a micro-batch's
+    update would not fit without it) and how many sequences one generate call holds (what the weights and AdamW
+    states leave free, in as few calls as fit, evenly filled). plan.py builds its detailed plan on them."""
+    n, layer, D, M, H, K, d, L, V = sizes(c)
+    budget, seq = HEADROOM * device_bytes, cfg.max_prompt_tokens + cfg.max_new_tokens
+    tokens = max(1, cfg.micro_batch_tokens // seq) * seq  # a full micro-batch of full-length sequences
+    state = 16 * n / world  # fp32 weights, gradients and AdamW's two moments, sharded under torchrun
     per_layer = activation_bytes_per_token(c) + 4 * (H - K) * d + 2 * seq  # + K/V repeated for H heads, the mask
-    # bf16 copies of the weights for compute: autocast's, kept for backward (not the embedding table's), and the
-    # head's; with checkpointing only the head's; under FSDP2 the gathered root and about two layers at a time
-    tied = getattr(c, "tie_word_embeddings", False)
-    copies = 2 * (n - V * D * (not tied)) * bf16
-    m = {"budget": HEADROOM * device_bytes, "parameters": n, "tokens": tokens,
-         "weights": 4 * n / W, "gradients": 4 * n / W, "adamw": 8 * n / W,  # fp32, sharded under torchrun
-         # what generate samples from: a bf16 copy of the policy, or under FSDP2 the whole gathered model
-         "rollout_weights": 2 * n * bf16 if W == 1 else (2 if bf16 else 4) * n,
-         "activations_full": tokens * (L * per_layer + 12 * D),  # + the final norm and the LM head's input
-         "activations_checkpointed": tokens * (L * 4 * D + 12 * D),  # each layer's fp32 input, the head's input
-         # later in backward, checkpointing recomputes one layer: 1.12x its activations (measured), its bf16 copies
-         "recompute": tokens * 1.12 * per_layer + 2 * layer * bf16,
-         "lm_head_chunk": 16 * chunk * V,  # fp32 logits, log-probs and their gradients
-         # the head in backward: a chunk recomputed while the head's bf16 gradient adds up, then that gradient
-         # cast back to fp32 (the head's bf16 copy freed by then): the larger of the two
-         "lm_head_backward": max(16 * chunk * V + 2 * V * D * bf16, 4 * V * D),
-         # tied: at the end of backward the head's fp32 gradient waits for the embedding's, then both are summed
-         "tied_grads": 12 * V * D * tied,
-         "kv_per_sequence": seq * kv_bytes_per_token(c, bf16),
-         # the sampler's fp32 logits, probabilities and top-p sort, and one layer's prefill transients
-         "sampler_per_sequence": 20 * V + cfg.max_prompt_tokens * (6 * M + 14 * D)}  # fmt: skip
-    fsdp = (2 if bf16 else 4) * (n - (L - 2) * layer)
-    state = m["weights"] + m["gradients"] + m["adamw"]
-    checkpointing = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and state +
-                    (copies if W == 1 else fsdp) + m["lm_head_backward"] + m["activations_full"] > m["budget"])  # fmt: skip
-    m["compute_weights"] = fsdp if W > 1 else 2 * V * D * bf16 if checkpointing else copies
-    m["activations"] = m["activations_checkpointed" if checkpointing else "activations_full"]
-    later = m["recompute"] * checkpointing + 4 * V * D * tied  # a tied head's gradient waits for the embedding's
-    update = m["compute_weights"] + m["activations"] + max(m["lm_head_backward"], later)
-    rollouts, resident = cfg.prompts_per_step * cfg.group_size // W, m["weights"] + m["adamw"] + m["rollout_weights"]
-    sequence = m["kv_per_sequence"] + m["sampler_per_sequence"]
-    per_call = max(1, cfg.generate_batch or int((m["budget"] - resident) // sequence))
+    # bf16 copies of the weights for compute, the LM head's gradients at most, every layer's activations
+    update = state + 2 * n * bf16 + 12 * V * D + tokens * (L * per_layer + 12 * D)
+    checkpointing = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and update > budget)
+    sampled = 2 * n * bf16 if world == 1 else (2 if bf16 else 4) * n  # a bf16 copy, or FSDP2's gathered model
+    resident = 12 * n / world + sampled  # fp32 weights and AdamW states stay; gradients are freed by then
+    # per sequence: its KV cache, the sampler's fp32 logits, probabilities and top-p sort, a layer's prefill
+    per_sequence = seq * kv_bytes_per_token(c, bf16) + 20 * V + cfg.max_prompt_tokens * (6 * M + 14 * D)
+    rollouts = cfg.prompts_per_step * cfg.group_size // world
+    per_call = max(1, cfg.generate_batch or int((budget - resident) // per_sequence))
     per_call = min(per_call, math.ceil(rollouts / math.ceil(rollouts / per_call)))  # evenly filled
-    return m | {"gradient_checkpointing": checkpointing, "generate_batch": per_call,
-                "generation": resident + per_call * sequence, "update": state + max(update, m["tied_grads"])}  # fmt: skip
+    return {"budget": budget, "state": state, "checkpointing": checkpointing, "generate_batch": per_call,
+            "generation": resident + per_call * per_sequence, "per_sequence": per_sequence}  # fmt: skip
 
 
 def device_memory(cfg: Config, device: torch.device) -> float:
@@ -1283,17 +1239,16 @@ def device_memory(cfg: Config, device: torch.device) -> float:
 
 
 def fit_memory(model_config, cfg: Config, device: torch.device, world: int = 1) -> tuple[Config, dict]:
-    """cfg with checkpointing and the generate batch decided, and the parts; one line and exit, before anything
+    """cfg with checkpointing and the generate batch decided, and the figures; one line and exit, before anything
     loads, when the fp32 weights, gradients and AdamW states alone cannot fit."""
-    m, gb = memory_parts(model_config, cfg, world, device_memory(cfg, device), uses_bf16(cfg, device)), 1e9
-    if (state := m["weights"] + m["gradients"] + m["adamw"]) > m["budget"]:
-        sys.exit(f"{cfg.model}: its fp32 weights, gradients and AdamW states alone need {state / gb:.1f} GB per "
-                 f"process, more than the {m['budget'] / gb:.1f} GB planned for on {device}; python plan.py with the "
-                 "same flags says what fits (more GPUs under torchrun)")  # fmt: skip
-    print(f"memory: {m['budget'] / gb:.1f} GB planned for on {device} | gradient checkpointing "
-          f"{'on' if m['gradient_checkpointing'] else 'off'} | generation {m['generation'] / gb:.1f} GB "
-          f"({m['generate_batch']} sequences per call) | update {m['update'] / gb:.1f} GB")  # fmt: skip
-    checkpointing = "on" if m["gradient_checkpointing"] else "off"
+    m, gb = fit(model_config, cfg, world, device_memory(cfg, device), uses_bf16(cfg, device)), 1e9
+    if m["state"] > m["budget"]:
+        sys.exit(f"{cfg.model}: its fp32 weights, gradients and AdamW states alone need {m['state'] / gb:.1f} GB "
+                 f"per process, more than the {m['budget'] / gb:.1f} GB planned for on {device}; python plan.py with "
+                 "the same flags says what fits (more GPUs under torchrun)")  # fmt: skip
+    checkpointing = "on" if m["checkpointing"] else "off"
+    print(f"memory: {m['budget'] / gb:.1f} GB planned for on {device} | gradient checkpointing {checkpointing} | "
+          f"{m['generate_batch']} sequences per generate call, {m['generation'] / gb:.1f} GB")  # fmt: skip
     return dataclasses.replace(cfg, gradient_checkpointing=checkpointing, generate_batch=m["generate_batch"]), m
 
 
@@ -1327,11 +1282,11 @@ def all_cat(t: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized():
         return t
     world, device = dist.get_world_size(), comm_device()
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([t.numel()], device=device))
-    parts = [torch.empty(int(max(sizes)), dtype=t.dtype, device=device) for _ in range(world)]
-    dist.all_gather(parts, F.pad(t.to(device), (0, int(max(sizes)) - t.numel())))  # all_gather wants equal sizes
-    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)]).to(t.device)
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([t.numel()], device=device))
+    parts = [torch.empty(int(max(counts)), dtype=t.dtype, device=device) for _ in range(world)]
+    dist.all_gather(parts, F.pad(t.to(device), (0, int(max(counts)) - t.numel())))  # all_gather wants equal sizes
+    return torch.cat([part[: int(n)] for part, n in zip(parts, counts, strict=True)]).to(t.device)
 
 
 def all_records(records: list) -> list:
@@ -1351,8 +1306,7 @@ def my_share(items: list, mini_batches: int) -> list:
 
 
 def lock_step(batches: list[list[int]]) -> list[list[int]]:
-    """As many micro-batches on every rank as on the busiest (FSDP2's collectives pair up): empty ones at the end,
-    which still run a forward (sequence_logp)."""
+    """As many micro-batches on every rank as on the busiest, empty ones last (FSDP2's collectives pair up)."""
     return batches + [[]] * (int(all_cat(torch.tensor([len(batches)])).max()) - len(batches))
 
 
@@ -1375,8 +1329,6 @@ def shard_model(model, bf16: bool):
     """FSDP2: every decoder layer is a group, the root (embeddings, final norm, tied LM head) the last.
     Gradients are summed over ranks, not averaged: each rank's loss already divides by the global count.
     With bf16, FSDP gathers bf16 copies of the weights; the sharded master weights stay fp32."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
     if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
         sys.exit(f"torchrun needs FSDP2's sum reduction (torch 2.8 or later); this is torch {torch.__version__}")
     precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
@@ -1393,9 +1345,6 @@ def shard_model(model, bf16: bool):
 def load_sharded_model(name: str, device: torch.device, tokenizer, seed: int = 0, bf16: bool = False):
     """Every rank builds the model on the meta device, in fp32 whatever its config says, and shards it; rank 0
     alone reads the weights and sends each rank its shards, so no other rank ever holds the whole model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from transformers import AutoModelForCausalLM
-
     whole = load_model(name, torch.device("cpu"), tokenizer, seed) if dist.get_rank() == 0 else None  # rank 0 only
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_model_config(name), dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Tests of the memory arithmetic (stapo.memory_parts, stapo.fit_memory) and of plan.py, on CPU: configs of the
+"""Tests of the memory arithmetic (stapo.fit, stapo.fit_memory) and of plan.py, on CPU: configs of the
 paper's three sizes without weights, and one or two decoder layers built at real width."""
 
 import copy
@@ -145,11 +145,9 @@ def test_the_update_plan_covers_a_micro_batch_backward_at_real_width(tied, check
     with LiveBytes() as mode:
         logp, _ = stapo.sequence_logp(model, rollouts, [0, 1], cfg)
         logp.sum().backward()
-    parts = stapo.memory_parts(config, cfg, 1, 80e9, bf16=True)
-    planned = parts["update"] - parts["weights"] - parts["gradients"] - parts["adamw"]
-    print(
-        f"\ntied {tied}, checkpointing {checkpointing}: measured {mode.peak / 1e9:.3f} GB, planned {planned / 1e9:.3f} GB"
-    )
+    parts = plan.plan_memory(config, cfg, 1, 80e9, "cpu")
+    planned = parts["peak_update"] - parts["weights"] - parts["gradients"] - parts["adamw"]
+    print(f"\ntied {tied}, checkpointing {checkpointing}: measured {mode.peak / 1e9:.3f}, planned {planned / 1e9:.3f} GB")
     assert parts["gradient_checkpointing"] == (checkpointing == "on")
     assert planned == pytest.approx(mode.peak, rel=0.05)
 
@@ -194,9 +192,10 @@ def test_the_generate_batch_is_rounded_once(prompts, new, gb, world):
     config = qwen3_config("1.7B")
     cfg = stapo.Config(prompts_per_step=prompts, max_new_tokens=new, gpu_memory_gb=gb, precision="bf16-autocast")
     fitted, parts = stapo.fit_memory(config, cfg, CPU, world)
-    n = parts["parameters"]
+    n = stapo.sizes(config)[0]
     resident = 12 * n / world + 2 * n  # fp32 weights and AdamW states, and the bf16 weights to sample from
-    fits = int((0.9 * gb * 1e9 - resident) // (parts["kv_per_sequence"] + parts["sampler_per_sequence"]))
+    per_sequence = (1024 + new) * stapo.kv_bytes_per_token(config, True) + 20 * 151_936 + 1024 * (6 * 6144 + 14 * 2048)
+    fits = int((0.9 * gb * 1e9 - resident) // per_sequence)
     rollouts = prompts * 8 // world
     calls = math.ceil(rollouts / max(1, fits))
     assert fitted.generate_batch == max(1, math.ceil(rollouts / calls))

@@ -15,8 +15,8 @@ def write_run(folder: Path, mask: str, loss_agg: str = "token", steps: int = 5, 
     (folder / "stapo_config.json").write_text(json.dumps({"mask": mask, "loss_agg": loss_agg, "eps_high": 0.28}))
     records = [
         {"step": s, "reward": 0.1 * s if reward is None else reward(s), "entropy": 0.5, "len_mean": 100.0 + s,
-         "spurious_frac": 1e-4 if mask == "s2t" else 0.0, "tau_h": 0.3 if mask == "s2t" and s > 1 else None,
-         "truncated_frac": 0.01 * s, "clip_frac": 0.002, "grad_norm": 0.8}
+         "n_spurious": int(mask == "s2t" and s % 2), "n_candidates": 3, "tau_h": 0.3 if mask == "s2t" and s > 1 else None,
+         "truncated_frac": 0.01 * s, "clip_frac": 0.002, "grad_norm": 0.8 + 0.1 * s}
         for s in range(1, steps + 1)
     ]  # fmt: skip
     text = "".join(json.dumps(r) + "\n" for r in records)
@@ -120,9 +120,53 @@ def test_flat_curves_get_plain_tick_labels_without_an_offset(tmp_path):
 
 def test_a_panel_without_data_says_so(tmp_path):
     pytest.importorskip("matplotlib")
-    fig = plot.draw([plot.read_run(write_run(tmp_path / "justrl", "none"))])  # tau_h is None at every step
-    assert [t.get_text() for t in panel(fig, "tau_h").texts] == ["no data"]
-    assert len(panel(fig, "tau_h").get_yticks()) == 0  # no made-up scale around 0
-    assert all(not ax.texts for ax in fig.axes if ax is not panel(fig, "tau_h"))
+    fig = plot.draw([plot.read_run(write_run(tmp_path / "justrl", "none"))])  # no tau_h, no silenced token
+    for key in ("tau_h", "n_spurious"):
+        assert [t.get_text() for t in panel(fig, key).texts] == ["none in any run"]
+        assert len(panel(fig, key).get_yticks()) == 0  # no made-up scale around 0
+    assert all(not panel(fig, key).texts for key, _, _ in plot.PANELS if key not in ("tau_h", "n_spurious"))
     fig = plot.draw([plot.read_run(write_run(tmp_path / "stapo", "s2t"))])  # tau_h from step 2 on
     assert not panel(fig, "tau_h").texts
+
+
+def test_seeds_of_a_method_are_their_mean_and_band_and_methods_differ_in_style(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [write_run(tmp_path / f"stapo-{s}", "s2t", reward=lambda step, s=s: 0.1 * step + 0.2 * s) for s in (0, 1)]
+    runs.append(write_run(tmp_path / "justrl", "none"))
+    fig = plot.draw([plot.read_run(r) for r in runs])
+    reward = panel(fig, "reward")
+    (stapo_line, justrl_line) = reward.get_lines()
+    assert stapo_line.get_label() == "STAPO (2 seeds)" and justrl_line.get_label() == "JustRL (justrl)"
+    assert list(stapo_line.get_ydata()) == pytest.approx([0.1 * s + 0.1 for s in range(1, 6)])  # the seeds' mean
+    assert len(reward.collections) == 1  # the min-max band of STAPO's seeds; one run has none
+    assert stapo_line.get_linestyle() != justrl_line.get_linestyle() and stapo_line.get_alpha() < 1
+    tau_h = panel(fig, "tau_h").get_lines()[0]
+    assert list(tau_h.get_xdata()) == [2, 3, 4, 5] and tau_h.get_marker() == "."  # connected over the steps it has
+
+
+def test_the_summary_gives_mean_and_spread_per_method_and_says_whether_they_differ(tmp_path):
+    runs = [write_run(tmp_path / f"stapo-{s}", "s2t", reward=lambda step, s=s: 0.5 + 0.1 * s) for s in (0, 1, 2)]
+    runs += [write_run(tmp_path / f"justrl-{s}", "none", reward=lambda step, s=s: 0.9 + 0.01 * s) for s in (0, 1)]
+    table = plot.summarize([plot.read_run(r) for r in runs])
+    assert "| figure | STAPO (3 seeds) | JustRL (2 seeds) | difference |" in table
+    assert "| reward, mean of the last 10 steps | 0.6 ± 0.1 | 0.905 ± 0.0071 | -0.305, beyond it |" in table
+    assert "| largest gradient norm | 1.3 ± 0 | 1.3 ± 0 | within the spread of the seeds |" in table
+    assert "| tokens silenced, all steps | 3 ± 0 | 0 ± 0 | +3, beyond it |" in table
+
+
+@pytest.mark.slow  # trains: two runs of the CPU demo, one core each
+def test_the_demo_trains_stapo_and_justrl_and_draws_them(tmp_path, capsys):
+    """The experiment in a shortened form (one seed each, as in CI): STAPO silences tokens in correct answers and
+    the reward rises; JustRL silences none; the figure and the summary are written."""
+    pytest.importorskip("matplotlib")
+    plot.main(["--demo", "--seeds", "1", "--steps", "120", "--out-dir", str(tmp_path)])
+    assert png_size(tmp_path / "demo.png")[0] >= 800
+    assert "| figure | STAPO (1 seeds) | JustRL (1 seeds) | difference |" in (tmp_path / "summary.md").read_text()
+    stapo_run, justrl = (plot.read_jsonl(tmp_path / f"{m}-seed0" / "metrics.jsonl") for m in ("stapo", "justrl"))
+    mean = lambda records: sum(r["reward"] for r in records) / len(records)  # noqa: E731
+    assert mean(stapo_run[:10]) < 0.3 and mean(stapo_run[-10:]) > mean(stapo_run[:10]) + 0.3
+    silenced = plot.read_jsonl(tmp_path / "stapo-seed0" / "spurious.jsonl")
+    assert silenced and all(s["A"] > 0 and s["p"] < 0.002 and s["H"] < s["tau_h"] for s in silenced)
+    assert (tmp_path / "justrl-seed0" / "spurious.jsonl").read_text() == ""
+    plot.main(["--demo", "--seeds", "1", "--steps", "120", "--out-dir", str(tmp_path)])  # finished runs are kept
+    assert "stapo-seed0: done before" in capsys.readouterr().out
