@@ -31,6 +31,7 @@ different, or the plan refuses; 3: the model's config could not be had (a Hub id
 """
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import resource
@@ -283,10 +284,7 @@ def gpu_check(argv: list[str]) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import datasets
-    import transformers
-
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__}
+    versions = {name: importlib.metadata.version(name) for name in FLOORS}  # datasets is not imported for it
     low = [f"{k} {v} < {'.'.join(map(str, FLOORS[k]))}" for k, v in versions.items()
            if tuple(int(x) for x in v.split("+")[0].split(".")[:2]) < FLOORS[k]]  # fmt: skip
     cuda = torch.cuda.is_available() and args.device != "cpu"

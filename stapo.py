@@ -46,32 +46,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+import huggingface_hub as hub
+import huggingface_hub.errors
+import tokenizers
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-from huggingface_hub import HfApi, constants
-from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed import fsdp
+from torch.distributed.checkpoint import state_dict as dcp
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    PreTrainedTokenizerFast,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 
 if not {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ):  # read when CUDA starts, later
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # less fragmentation near a full card
@@ -740,7 +725,7 @@ def pick_problems(problems: list, step: int, cfg: Config) -> list:
 def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: str = "rollouts") -> Rollouts:
     """One sampled completion per prompt, --generate-batch sequences per generate call (0: all in one)."""
     device, eos = next(model.parameters()).device, eos_token_ids(model, tokenizer)
-    gen_config = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+    gen_config = transformers.GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                                   max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     per_call, completions, was_training = cfg.generate_batch or len(prompts), [], model.training
@@ -771,7 +756,7 @@ def sampling_weights(model, bf16: bool):
     compute): generate then runs no collective per token, so no rank waits inside a forward for another. In one
     process with bf16, a bf16 copy of the fp32 master weights, not autocast (Qwen3's fp32 q/k-norm weights make its
     keys fp32); tied weights stay one tensor, buffers are shared."""
-    if groups := [m for m in model.modules() if isinstance(m, FSDPModule)]:
+    if groups := [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)]:
         model.set_reshard_after_forward(False)
         for group in groups:
             group.unshard()
@@ -821,11 +806,14 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 def build_tiny_tokenizer():
     """Byte-level tokenizer (256 bytes + Qwen's three special tokens): any text, no download."""
-    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, []))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -836,9 +824,10 @@ def build_tiny_tokenizer():
 def tiny_config():
     """A 2-layer Qwen3 shaped like the real one (GQA, tied embeddings), for the tiny tokenizer:
     256 bytes, then <|endoftext|> (256, also pad), <|im_start|>, <|im_end|> (258)."""
-    return Qwen3Config(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=256,
-                       tie_word_embeddings=True, eos_token_id=[256, 258], bos_token_id=None)  # fmt: skip
+    return transformers.Qwen3Config(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    head_dim=16, num_attention_heads=4, num_key_value_heads=2, pad_token_id=256,
+                                    max_position_embeddings=2048, tie_word_embeddings=True, eos_token_id=[256, 258],
+                                    bos_token_id=None)  # fmt: skip
 
 
 def teach_format(model, tokenizer, steps: int = 300):
@@ -862,11 +851,11 @@ def teach_format(model, tokenizer, steps: int = 300):
 
 
 def load_model_config(name: str):
-    return tiny_config() if name in TINY else AutoConfig.from_pretrained(name)
+    return tiny_config() if name in TINY else transformers.AutoConfig.from_pretrained(name)
 
 
 def load_tokenizer(name: str):
-    tokenizer = build_tiny_tokenizer() if name in TINY else AutoTokenizer.from_pretrained(name)
+    tokenizer = build_tiny_tokenizer() if name in TINY else transformers.AutoTokenizer.from_pretrained(name)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return tokenizer
 
@@ -874,9 +863,9 @@ def load_tokenizer(name: str):
 def load_model(name: str, device: torch.device, tokenizer, seed: int = 0, dtype=torch.float32):
     """The policy, in fp32 to train whatever its config says: at lr 1e-6, bf16 weights drop the update."""
     if name not in TINY:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True).to(device)
+        return transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True).to(device)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(tiny_config())
+    model = transformers.Qwen3ForCausalLM(tiny_config())
     return (teach_format(model, tokenizer) if name == "tiny-sft" else model).to(device, dtype)
 
 
@@ -892,18 +881,18 @@ def loading(flag: str, name: str, kind: str = "model"):
     """What fails inside is one line naming the flag, not a traceback. A name that is no local path is a Hub id,
     asked for once (seconds, no retries); if the Hub cannot be reached, only the local Hugging Face cache is tried."""
     local, why_not, cache = name in (*TINY, "toy") or Path(name).exists(), None, False
-    if not local and constants.HF_HUB_OFFLINE:
+    if not local and hub.constants.HF_HUB_OFFLINE:
         why_not, cache = "HF_HUB_OFFLINE is set", True
     elif not local:
         try:
-            getattr(HfApi(), f"{kind}_info")(name, timeout=10)
-        except HFValidationError:
+            getattr(hub.HfApi(), f"{kind}_info")(name, timeout=10)
+        except hub.errors.HFValidationError:
             why_not = "it is not a Hub id either"
-        except RepositoryNotFoundError:
+        except hub.errors.RepositoryNotFoundError:
             why_not = f"the Hugging Face Hub has no {kind} of that name"
         except Exception as e:  # no network, a proxy, a time-out: from here on the cache only, no more requests
             why_not, cache = f"the Hugging Face Hub cannot be reached ({type(e).__name__})", True
-            os.environ["HF_HUB_OFFLINE"], constants.HF_HUB_OFFLINE = "1", True
+            os.environ["HF_HUB_OFFLINE"], hub.constants.HF_HUB_OFFLINE = "1", True
     try:
         if why_not and not cache:
             raise FileNotFoundError(why_not)
@@ -979,11 +968,11 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: i
     naming the last good checkpoint. Under torchrun every rank calls it: torch's state-dict helpers gather the
     whole weights and optimizer state on rank 0, which writes the same files one process writes."""
     out, (rank, world) = Path(cfg.output_dir), rank_and_world()
-    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    whole = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
     final, tmp = out / f"step-{step:06d}", out / f".tmp-step-{step:06d}"
     weights, optim = (
-        get_model_state_dict(model, options=whole),
-        get_optimizer_state_dict(model, optimizer, options=whole),
+        dcp.get_model_state_dict(model, options=whole),
+        dcp.get_optimizer_state_dict(model, optimizer, options=whole),
     )
     rngs = all_records([rng])
     try:
@@ -1015,8 +1004,8 @@ def restore(cfg: Config, model, optimizer, scheduler) -> int:
     try:  # weights_only: tensors and numbers, nothing executed (never weights_only=False, as torch suggests)
         state = torch.load(path / "trainer_state.pt", weights_only=True)
         optim = torch.load(path / "optimizer.pt", weights_only=True, mmap=True) if rank == 0 else {}
-        whole = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) if world > 1 else None
-        set_optimizer_state_dict(model, optimizer, optim, options=whole)  # each rank takes its shards
+        whole = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True) if world > 1 else None
+        dcp.set_optimizer_state_dict(model, optimizer, optim, options=whole)  # each rank takes its shards
         scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"][rank]
     except Exception as e:
@@ -1329,16 +1318,16 @@ def shard_model(model, bf16: bool):
     """FSDP2: every decoder layer is a group, the root (embeddings, final norm, tied LM head) the last.
     Gradients are summed over ranks, not averaged: each rank's loss already divides by the global count.
     With bf16, FSDP gathers bf16 copies of the weights; the sharded master weights stay fp32."""
-    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+    if not hasattr(fsdp.FSDPModule, "set_force_sum_reduction_for_comms"):
         sys.exit(f"torchrun needs FSDP2's sum reduction (torch 2.8 or later); this is torch {torch.__version__}")
-    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    precision = fsdp.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     for module in [*model.model.layers, model]:
-        fully_shard(module, mp_policy=precision or MixedPrecisionPolicy())
-    for group in (m for m in model.modules() if isinstance(m, FSDPModule)):
+        fsdp.fully_shard(module, mp_policy=precision or fsdp.MixedPrecisionPolicy())
+    for group in (m for m in model.modules() if isinstance(m, fsdp.FSDPModule)):
         group.set_gradient_divide_factor(1.0)
         group.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
     model.sharded_body = lambda **kwargs: model.base_model(**kwargs)  # sequence_logp calls the body alone,
-    register_fsdp_forward_method(model, "sharded_body")  # which must still gather the root's weights
+    fsdp.register_fsdp_forward_method(model, "sharded_body")  # which must still gather the root's weights
     return model
 
 
@@ -1347,10 +1336,10 @@ def load_sharded_model(name: str, device: torch.device, tokenizer, seed: int = 0
     alone reads the weights and sends each rank its shards, so no other rank ever holds the whole model."""
     whole = load_model(name, torch.device("cpu"), tokenizer, seed) if dist.get_rank() == 0 else None  # rank 0 only
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(load_model_config(name), dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_config(load_model_config(name), dtype=torch.float32)
     shard_model(model, bf16).to_empty(device=device)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, whole.state_dict() if whole is not None else {}, options=options)
+    options = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    dcp.set_model_state_dict(model, whole.state_dict() if whole is not None else {}, options=options)
     for key, buffer in model.named_buffers():  # not in a state dict: the rotary frequencies
         if whole is not None:
             buffer.copy_(whole.get_buffer(key))

@@ -147,7 +147,8 @@ def test_the_update_plan_covers_a_micro_batch_backward_at_real_width(tied, check
         logp.sum().backward()
     parts = plan.plan_memory(config, cfg, 1, 80e9, "cpu")
     planned = parts["peak_update"] - parts["weights"] - parts["gradients"] - parts["adamw"]
-    print(f"\ntied {tied}, checkpointing {checkpointing}: measured {mode.peak / 1e9:.3f}, planned {planned / 1e9:.3f} GB")
+    measured = f"measured {mode.peak / 1e9:.3f}, planned {planned / 1e9:.3f} GB"
+    print(f"\ntied {tied}, checkpointing {checkpointing}: {measured}")
     assert parts["gradient_checkpointing"] == (checkpointing == "on")
     assert planned == pytest.approx(mode.peak, rel=0.05)
 

@@ -309,6 +309,30 @@ def test_the_budget_is_what_is_free_on_the_gpu(monkeypatch):
     assert {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ)  # set on import unless given
 
 
+def test_phase_times_wait_for_the_gpu_and_record_its_peak(monkeypatch):
+    """On CUDA, kernels run after the Python that launched them: a phase's seconds are read once the device has
+    synchronised, and its peak memory with them. Here torch.cuda's calls are recorded in order."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: calls.append("peak") or 3e9)
+    monkeypatch.setattr(stapo.time, "perf_counter", lambda: calls.append("clock") or len(calls))
+    clock = {}
+    with stapo.timed("update", clock):
+        calls.append("work")
+    assert calls == ["clock", "reset", "work", "synchronize", "clock", "peak"] and clock["update_gb"] == 3.0
+    with pytest.raises(torch.OutOfMemoryError) as error, stapo.timed("generation", clock):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    assert error.value.__notes__ == ["generation"]  # the loop names the phase in its one line
+
+
+def test_tiny_without_a_dataset_trains_on_the_toy_problems():
+    cfg = stapo.parse_args(["--model", "tiny"])
+    assert (cfg.dataset, cfg.prompts_per_step, cfg.max_new_tokens) == ("toy", 8, 64)
+    assert stapo.parse_args(["--model", "tiny", "--dataset", "d.jsonl"]).dataset == "d.jsonl"  # given wins
+
+
 def test_rollouts_cut_at_first_eos_and_keep_it(tiny):
     model, tok = tiny
     cfg = tiny_cfg(max_new_tokens=40)
@@ -842,8 +866,9 @@ def test_one_step_end_to_end_then_resume_equals_uninterrupted(tmp_path):
     initial, _ = stapo.load_policy("tiny", CPU, seed=0)
     assert any(not torch.equal(p, q) for p, q in zip(loaded.parameters(), initial.parameters(), strict=True))
     metrics = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").open()]
-    keys = {"reward", "frac_zero_std", "len_mean", "truncated_frac", "entropy", "n_candidates", "n_spurious",
-            "spurious_frac", "tau_h", "clip_frac", "loss", "grad_norm", "lr", "generation_s", "scoring_s", "update_s"}  # fmt: skip
+    keys = {"reward", "frac_zero_std", "len_mean", "truncated_frac", "entropy", "n_candidates", "n_spurious", "lr",
+            "spurious_frac", "tau_h", "clip_frac", "loss", "grad_norm",
+            "generation_s", "scoring_s", "update_s"}  # fmt: skip
     assert len(metrics) == 1 and keys <= metrics[0].keys()
     assert (tmp_path / "b" / "samples.jsonl").read_text().count("\n") == 4
     for record in map(json.loads, (tmp_path / "b" / "spurious.jsonl").open()):
