@@ -71,7 +71,7 @@ def read_run(folder: Path) -> tuple[str, str, list[dict]]:
     return method_name(config), folder.resolve().name, read_jsonl(folder / "metrics.jsonl")
 
 
-def draw(runs: list[tuple[str, str, list[dict]]]):
+def draw(runs: list[tuple[str, str, list[dict]]], heading: str = ""):
     """A matplotlib Figure: 2x4 panels. A method with one run is a line; with several (seeds), their mean per step
     and a band from their min to their max. Each method has its colour and line style, so overlaps stay visible."""
     try:
@@ -96,13 +96,15 @@ def draw(runs: list[tuple[str, str, list[dict]]]):
                 ax.fill_between(shown, [min(values[s]) for s in shown], [max(values[s]) for s in shown],
                                 color=color, alpha=0.15, linewidth=0)  # fmt: skip
         if all(not r.get(key) for _, _, records in runs for r in records):  # None or 0 in every step of every run
-            ax.text(0.5, 0.5, "none in any run", transform=ax.transAxes, ha="center", va="center", color="gray")
+            ax.text(0.5, 0.75, "none in any run", transform=ax.transAxes, ha="center", va="center", color="gray")
             ax.set_yticks([])  # not a meaningless 0 +- 0.04 scale
         ax.ticklabel_format(useOffset=False, style="plain")  # flat runs: 5.53901, not "+5.539" and 1e-5 ticks
         ax.set_title(title, fontsize=10)
     fig.supxlabel("step", fontsize=10)
-    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", ncol=min(4, len(methods)), frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))  # leave the top for the legend
+    fig.suptitle(heading, y=0.995, fontsize=11)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.96),
+               ncol=min(4, len(methods)), frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 0.91))  # leave the top for the title and the legend
     return fig
 
 
@@ -166,8 +168,7 @@ def demo(seeds: int, steps: int, out_dir: Path, jobs: int = 2) -> Path:
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(train, runs))
     read = [read_run(folder) for folder, _ in runs]
-    fig = draw(read)
-    fig.suptitle(f"The CPU demo: tiny-sft, {seeds} seeds per method, {steps} steps", y=0.995, fontsize=11)
+    fig = draw(read, f"The CPU demo: tiny-sft, {seeds} seeds per method, {steps} steps")
     fig.savefig(out_dir / "demo.png", dpi=100)
     table = summarize(read)
     (out_dir / "summary.md").write_text(table + "\n")

@@ -15,7 +15,8 @@ def write_run(folder: Path, mask: str, loss_agg: str = "token", steps: int = 5, 
     (folder / "stapo_config.json").write_text(json.dumps({"mask": mask, "loss_agg": loss_agg, "eps_high": 0.28}))
     records = [
         {"step": s, "reward": 0.1 * s if reward is None else reward(s), "entropy": 0.5, "len_mean": 100.0 + s,
-         "n_spurious": int(mask == "s2t" and s % 2), "n_candidates": 3, "tau_h": 0.3 if mask == "s2t" and s > 1 else None,
+         "n_spurious": int(mask == "s2t" and s % 2), "n_candidates": 3,
+         "tau_h": 0.3 if mask == "s2t" and s > 1 else None,
          "truncated_frac": 0.01 * s, "clip_frac": 0.002, "grad_norm": 0.8 + 0.1 * s}
         for s in range(1, steps + 1)
     ]  # fmt: skip
@@ -133,7 +134,8 @@ def test_seeds_of_a_method_are_their_mean_and_band_and_methods_differ_in_style(t
     pytest.importorskip("matplotlib")
     runs = [write_run(tmp_path / f"stapo-{s}", "s2t", reward=lambda step, s=s: 0.1 * step + 0.2 * s) for s in (0, 1)]
     runs.append(write_run(tmp_path / "justrl", "none"))
-    fig = plot.draw([plot.read_run(r) for r in runs])
+    fig = plot.draw([plot.read_run(r) for r in runs], "the heading")
+    assert fig.get_suptitle() == "the heading"  # not a panel's title
     reward = panel(fig, "reward")
     (stapo_line, justrl_line) = reward.get_lines()
     assert stapo_line.get_label() == "STAPO (2 seeds)" and justrl_line.get_label() == "JustRL (justrl)"
