@@ -5,9 +5,11 @@ copies in benchmarks/ (--data-dir hub: the Hub ids). Prompt and generation are t
 grade is the paper's rule-based check: `grade`, stapo.verify (the training reward) and, past it, structured
 matching (tuples, intervals, sets, unordered lists, equations, units); `--grader math-verify` re-scores the
 same samples with HF's math-verify (optional package), `--grader both` adds its avg@k and the share of samples
-the two agree on. Reported per benchmark: avg@k (mean accuracy over the k samples, the paper's number),
-unbiased pass@k for k = 1, 2, 4, ..., the share of answers without \\boxed{}, mean length, truncation rate;
-and "Avg", the unweighted mean of the benchmarks' avg@k.
+the two agree on. `--judge` then shows every sample the rules graded wrong to an LLM verifier (the paper's
+CompassVerifier-3B by default) with CompassVerifier's prompt; a verdict "correct" makes it right, and the
+verdicts are saved in the generations file. Reported per benchmark: avg@k (mean accuracy over the k samples,
+the paper's number; with --judge also judged), unbiased pass@k for k = 1, 2, 4, ..., the share of answers
+without \\boxed{}, mean length, truncation rate; and "Avg", the unweighted mean of the benchmarks' avg@k.
 
 A benchmark's samples form one queue, sorted by prompt length and cut into as few generate calls as the
 memory plan allows (plan.eval_plan): bf16 weights on a GPU and per sequence its KV cache and sampler memory;
@@ -15,16 +17,19 @@ memory plan allows (plan.eval_plan): bf16 weights on a GPU and per sequence its 
 <output-dir>/generations.jsonl when its call is done; rerunning the same command skips finished calls (each
 call has its own seed, so the final table is the same as without the interruption). A rerun with any other
 setting, the plan's sequences per call included, is refused (settings.json). `--score FILE` rebuilds the
-table from a generations file without a model, into <FILE stem>.score-<grader>.md/.json beside FILE.
+table from a generations file without a model (but the judge's), into <FILE stem>.score-<grader>.md/.json
+beside FILE.
 
     python eval.py --model runs/stapo/step-000200                # all six
     python eval.py --model tiny --limit 5                        # a random model: a smoke test, offline
     python eval.py --model Qwen/Qwen3-14B --dry-run              # does it fit one GPU?
     python eval.py --score evals/stapo-step-000200_t1.0_p1.0/generations.jsonl --grader both
+    python eval.py --score evals/stapo-step-000200_t1.0_p1.0/generations.jsonl --judge   # + CompassVerifier-3B
 """
 
 import argparse
 import functools
+import gc
 import inspect
 import json
 import math
@@ -33,6 +38,7 @@ import sys
 import time
 import zlib
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -312,8 +318,8 @@ def load_benchmark(name: str, data_dir: str | Path = BENCHMARK_DIR) -> list[dict
     else:
         source = Path(data_dir) / bench.file
         if not source.is_file():
-            raise SystemExit(f"{source} not found: --data-dir must hold {', '.join(b.file for b in BENCHMARKS.values())}"
-                             " (or be hub)")  # fmt: skip
+            files = ", ".join(b.file for b in BENCHMARKS.values())
+            raise SystemExit(f"{source} not found: --data-dir must hold {files} (or be hub)")
         rows = stapo.read_jsonl(source, torn_tail_ok=False)
     examples = [benchmark_example(name, row) for row in rows]
     if None in examples or not examples:
@@ -321,6 +327,11 @@ def load_benchmark(name: str, data_dir: str | Path = BENCHMARK_DIR) -> list[dict
         raise SystemExit(f"{source}: no problems" if n < 0 else f"{source}: row {n + 1}: no problem text or no usable "
                          f"answer (fields: {', '.join(sorted(rows[n]))})")  # fmt: skip
     return examples
+
+
+def write_generations(path: Path, records: list[dict]):
+    """The file replaced whole or not at all (stapo.replace_file), each record on its line as append_jsonl writes it."""
+    stapo.replace_file(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_generations(path: Path) -> list[dict]:
@@ -352,8 +363,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
-def score_rows(rows: list[dict], grader: str = "rules") -> dict:
-    """Per-benchmark metrics from generation records; with math-verify, its verdict is each r["math_verify"]."""
+def score_rows(rows: list[dict], grader: str = "rules", judge: str | None = None) -> dict:
+    """Per-benchmark metrics from generation records; with math-verify, its verdict is each r["math_verify"]; with
+    a judge, its verdict on each rule negative is r["judge"] and "judged" is right by the rules or by the judge."""
     results = {}
     for name in [b for b in BENCHMARKS if any(r["benchmark"] == b for r in rows)]:
         mine = [r for r in rows if r["benchmark"] == name]
@@ -382,9 +394,20 @@ def score_rows(rows: list[dict], grader: str = "rules") -> dict:
         if grader != "rules":
             m["math_verify_timeouts"] = sum(r["math_verify"] == "timeout" for r in mine)
             m["math_verify_errors"] = sum(r["math_verify"] == "error" for r in mine)
-    results["Avg"] = sum(m[f"avg@{m['samples']}"] for m in results.values()) / max(1, len(results))
-    results["grader"] = grader
-    return results
+        if judge:  # the judge saw only the rule negatives: each "correct" is a flip
+            verdicts = [r.get("judge") for r in mine]
+            m |= {f"judged_avg@{n}": sum(r["correct"] or r.get("judge") == "correct" for r in mine) / len(mine),
+                  "judge_flipped": verdicts.count("correct"), "judge_invalid": verdicts.count("invalid"),
+                  "judge_unparsed": verdicts.count("unparsed")}  # fmt: skip
+    benchmarks = list(results.values())
+
+    def mean(key: str) -> float:  # unweighted, over the benchmarks
+        return sum(m[f"{key}@{m['samples']}"] for m in benchmarks) / max(1, len(benchmarks))
+
+    results["Avg"] = mean("avg")
+    if judge:
+        results["judged_Avg"] = mean("judged_avg")
+    return results | {"grader": grader, "judge": judge}
 
 
 def markdown_table(results: dict) -> str:
@@ -393,12 +416,16 @@ def markdown_table(results: dict) -> str:
     ks = sorted({int(k[5:]) for m in benchmarks.values() for k in m if k.startswith("pass@")})
     both = ["math-verify avg@k", "agreement"] if grader == "both" else []
     timeouts = ["math-verify timeouts/errors"] if grader != "rules" else []
-    head = ["benchmark", "problems", "avg@k", *both, *[f"pass@{k}" for k in ks], "no box", "mean len", "truncated",
-            *timeouts]  # fmt: skip
+    judged = ["judged avg@k", "judge flipped", "judge invalid/unparsed"] if results.get("judge") else []
+    head = ["benchmark", "problems", "avg@k", *judged, *both, *[f"pass@{k}" for k in ks], "no box", "mean len",
+            "truncated", *timeouts]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in benchmarks.items():
         k = m["samples"]
         row = [name, str(m["problems"]), f"{100 * m[f'avg@{k}']:.1f} (k={k})"]
+        if judged:
+            row += [f"{100 * m[f'judged_avg@{k}']:.1f}", str(m["judge_flipped"]),
+                    f"{m['judge_invalid']}/{m['judge_unparsed']}"]  # fmt: skip
         if both:
             row += [f"{100 * m[f'math_verify_avg@{k}']:.1f}", f"{100 * m['agreement']:.1f}"]
         row += [f"{100 * m[f'pass@{k}']:.1f}" if f"pass@{k}" in m else "" for k in ks]
@@ -408,6 +435,9 @@ def markdown_table(results: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     graded, avg = "rules" if grader == "both" else grader, 100 * results["Avg"]
     lines.append(f"\nAvg (unweighted mean of avg@k over {len(benchmarks)} benchmarks, graded by {graded}): {avg:.1f}")
+    if judged:
+        judged_avg = 100 * results["judged_Avg"]
+        lines.append(f"judged Avg (the rules, then {results['judge']} on their negatives): {judged_avg:.1f}")
     return "\n".join(lines)
 
 
@@ -451,11 +481,11 @@ def math_verify_verdicts(rows: list[dict]) -> list[bool | str]:
     return verdicts
 
 
-def write_results(rows: list[dict], json_path: Path, md_path: Path, grader: str) -> str:
+def write_results(rows: list[dict], json_path: Path, md_path: Path, grader: str, judge: str | None = None) -> str:
     if grader != "rules":
         for r, verdict in zip(rows, math_verify_verdicts(rows), strict=True):
             r["math_verify"] = verdict
-    results = score_rows(rows, grader)
+    results = score_rows(rows, grader, judge)
     table = markdown_table(results)
     json_path.write_text(json.dumps(results, indent=2))
     md_path.write_text(table + "\n")
@@ -463,16 +493,139 @@ def write_results(rows: list[dict], json_path: Path, md_path: Path, grader: str)
 
 
 # ----------------------------------------------------------------------------------------------
+# The LLM judge (--judge): the paper's CompassVerifier-3B, shown what the rules graded wrong
+
+JUDGE = "opencompass/CompassVerifier-3B"
+JUDGE_TOKENS = 8  # greedy; CompassVerifier answers with one letter
+VERDICTS = {"A": "correct", "B": "incorrect", "C": "invalid"}  # else "unparsed", which counts as incorrect
+# CompassVerifier's prompt, verbatim: CV_PROMPT of src/prompts.py in github.com/open-compass/CompassVerifier
+# (commit c5d6700, unchanged up to 2d7cba6), the user turn of the judge's chat template as its README uses it.
+# Three of its lines end in a space; test_eval.py checks it against the published text.
+CV_PROMPT = """
+Please as a grading expert, judge whether the final answers given by the candidates below are consistent with the standard answers, that is, whether the candidates answered correctly. 
+Here are some evaluation criteria:
+1. Please refer to the given standard answer. You don't need to re-generate the answer to the question because the standard answer has been given. You only need to judge whether the candidate's answer is consistent with the standard answer according to the form of the question. THE STANDARD ANSWER IS ALWAYS CORRECT AND THE QUESTION IS PERFECTLY VALID. NEVER QUESTION THEM.
+2. ONLY compare the FINAL ANSWER - COMPLETELY IGNORE any potential errors in the REASONING PROCESSES.
+3. Some answers may be expressed in different ways, such as some answers may be a mathematical expression, some answers may be a textual description, as long as the meaning expressed is the same. Before making a judgment, please understand the question and the standard answer first, and then judge whether the candidate's answer is correct.
+4. Some answers may consist of multiple items, such as multiple-choice questions, multiple-select questions, fill-in-the-blank questions, etc. Regardless of the question type, the final answer will be considered correct as long as it matches the standard answer, regardless of whether the reasoning process is correct. For multiple-select questions and multi-blank fill-in-the-blank questions, all corresponding options or blanks must be answered correctly and match the standard answer exactly to be deemed correct.
+5. If the prediction is given with \\boxed{{}}, please ignore the \\boxed{{}} and only judge whether the candidate's answer is consistent with the standard answer.
+6. If the candidate's answer is invalid (e.g., incomplete (cut off mid-response), lots of unnormal repetitive content, or irrelevant to the question, saying it can't answer the question because some irresistible factors, like ethical issues, no enough information, etc.), select option C (INVALID).Please judge whether the following answers are consistent with the standard answer based on the above criteria. Grade the predicted answer of this new question as one of:
+A: CORRECT 
+B: INCORRECT
+C: INVALID
+Just return the letters "A", "B", or "C", with no text around it.
+Here is your task. Simply reply with either CORRECT, INCORRECT, or INVALID. Don't apologize or correct yourself if there was a mistake; we are just trying to grade the answer.
+<Original Question Begin>:
+{question}
+<Original Question End>
+<Standard Answer Begin>:
+{gold_answer}
+<Standard Answer End>
+<Candidate's Answer Begin>: 
+{llm_response}
+<Candidate's Answer End>
+Judging the correctness of the candidate's answer:
+"""  # noqa: E501, W291
+
+
+def judge_prompt(tokenizer, question: str, gold: str, response: str) -> str:
+    content = CV_PROMPT.format(question=question, gold_answer=gold, llm_response=response)
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+
+
+def parse_verdict(text: str) -> str:
+    """The judge's letter, A, B or C (alone, or first, or in \\boxed{}), as a verdict in VERDICTS; else "unparsed"."""
+    m = re.match(r"\s*(?:\\boxed\{)?([ABC])(?![A-Za-z])", text)
+    return VERDICTS[m[1]] if m else "unparsed"
+
+
+@contextmanager
+def judge_loading(name: str):
+    """stapo.loading for --judge; a name found nowhere also says how to pass a local folder."""
+    try:
+        with stapo.loading("--judge", name):
+            yield
+    except SystemExit as e:
+        hint = "" if Path(name).exists() else f"; or --judge DIR, a local folder (hf download {JUDGE} --local-dir DIR)"
+        raise SystemExit(f"{e.code}{hint}") from None
+
+
+def load_judge_tokenizer(name: str):
+    with judge_loading(name):
+        tokenizer = stapo.load_tokenizer(name)
+    if not tokenizer.chat_template:
+        raise SystemExit(f"--judge {name}: its tokenizer has no chat template: the judge is a chat model, like {JUDGE}")
+    return tokenizer
+
+
+@torch.no_grad()
+def judge_texts(model, tokenizer, prompts: list[torch.Tensor]) -> list[str]:
+    """The judge's answers to the prompts, in one generate call: greedy, and otherwise the judge's own generation
+    config, as CompassVerifier's README runs it."""
+    ids, mask = stapo.left_pad(prompts, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    out = model.eval().generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                max_new_tokens=JUDGE_TOKENS, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+
+
+def judge_samples(records: list[dict], path: Path, args, device: torch.device):
+    """Every record the rules graded wrong and --judge has not judged yet goes to the judge, with its problem from
+    --data-dir, in one queue sorted by prompt length and cut into as few generate calls as the plan allows. Each
+    verdict is written into its record ("judge", "judge_text", "judge_model") and the file replaced after each call,
+    so a rerun asks only for the rest. What the rules graded right is never shown to the judge."""
+    todo = [r for r in records if not r["correct"] and r.get("judge_model") != args.judge]
+    if not todo:
+        return
+    problems = {name: load_benchmark(name, args.data_dir) for name in {r["benchmark"] for r in todo}}
+    for r in todo:
+        examples = problems[r["benchmark"]]
+        if r["problem_idx"] >= len(examples) or examples[r["problem_idx"]]["answer"] != r["gold"]:
+            raise SystemExit(f"{path}: {r['benchmark']} problem {r['problem_idx']} with gold {r['gold']!r} is not in "
+                             f"--data-dir {args.data_dir}: pass the one the run read")  # fmt: skip
+    tokenizer = load_judge_tokenizer(args.judge)
+    prompts = [judge_prompt(tokenizer, problems[r["benchmark"]][r["problem_idx"]]["problem"], r["gold"],
+                            r["completion"]) for r in todo]  # fmt: skip
+    prompts = [torch.tensor(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    queue = sorted(range(len(todo)), key=lambda i: len(prompts[i]))
+    sizing = fitting_plan(args, device, max(map(len, prompts)), len(prompts), judge=True)
+    with judge_loading(args.judge):
+        model = stapo.load_model(args.judge, device, tokenizer, dtype=(torch.float32, torch.bfloat16)[sizing["bf16"]])
+    calls = math.ceil(len(queue) / sizing["sequences_per_call"])
+    print(f"judge: {len(todo)} samples the rules graded wrong, in {calls} generate call(s)", flush=True)
+    for c in tqdm(range(calls), desc="judge", disable=None):
+        call = queue[c * len(queue) // calls : (c + 1) * len(queue) // calls]
+        for i, text in zip(call, judge_texts(model, tokenizer, [prompts[i] for i in call]), strict=True):
+            todo[i] |= {"judge": parse_verdict(text), "judge_text": text, "judge_model": args.judge}
+        write_generations(path, records)
+
+
+# ----------------------------------------------------------------------------------------------
 # Generation
 
 
-def eval_plan(args, device: torch.device | None, prompt_tokens: int) -> dict:
-    """plan.eval_plan on device (None: a GPU of --gpu-memory-gb or 80 GB, as --dry-run plans for)."""
-    with stapo.loading("--model", args.model):
-        c = stapo.load_model_config(args.model)
+def eval_plan(args, device: torch.device | None, prompt_tokens: int, judge: bool = False, sequences: int = 0) -> dict:
+    """plan.eval_plan for the generate calls of --model or, judge True, of --judge (JUDGE_TOKENS new tokens) on
+    device (None: a GPU of --gpu-memory-gb or 80 GB, as --dry-run plans for), for `sequences` (0: any number)."""
+    with judge_loading(args.judge) if judge else stapo.loading("--model", args.model):
+        c = stapo.load_model_config(args.judge if judge else args.model)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and (device is None or device.type == "cuda"))
     device_bytes = stapo.device_memory(stapo.Config(gpu_memory_gb=args.gpu_memory_gb or (0 if device else 80)), device)
-    return plan.eval_plan(c, device_bytes, bf16, prompt_tokens, args.max_new_tokens, args.generate_batch)
+    new_tokens = JUDGE_TOKENS if judge else args.max_new_tokens
+    return plan.eval_plan(c, device_bytes, bf16, prompt_tokens, new_tokens, args.generate_batch, sequences)
+
+
+def fitting_plan(args, device: torch.device, prompt_tokens: int, sequences: int, judge: bool = False) -> dict:
+    """eval_plan, its line printed; SystemExit with that line and what to try if it does not fit."""
+    sizing = eval_plan(args, device, prompt_tokens, judge, sequences)
+    line = plan.eval_plan_line(sizing, Path(args.judge if judge else args.model).name)
+    print(line, flush=True)
+    if sizing["total"] > sizing["budget"]:
+        fixes = ["--generate-batch 0"] * (args.generate_batch > 0) + ["--precision bf16"] * (not sizing["bf16"])
+        fixes += ["a shorter --max-new-tokens"] * (not judge) + ["more memory"]  # the judge writes 8 tokens
+        raise SystemExit(f"{line}: refused; try {' or '.join(fixes)}")
+    return sizing
 
 
 def call_seed(seed: int, name: str, call: int) -> int:
@@ -496,8 +649,8 @@ def open_run(out_dir: Path, settings: dict) -> tuple[Path, dict]:
     if not gen_path.exists():
         return gen_path, {}
     done, data = read_generations(gen_path), gen_path.read_bytes()
-    if data and not data.endswith(b"\n"):  # a kill during an append: the torn line goes (read_generations warned)
-        stapo.replace_file(gen_path, data[: data.rfind(b"\n") + 1].decode())
+    if data and not data.endswith(b"\n"):  # a kill during an append: a torn last line goes (read_generations
+        write_generations(gen_path, done)  # warned), a whole one gets its newline
     return gen_path, {(r["benchmark"], r["problem_idx"], r["sample_idx"]): r["correct"] for r in done}
 
 
@@ -542,13 +695,16 @@ def evaluate(args) -> str:
             raise SystemExit(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     if args.grader != "rules":
         load_math_verify()  # missing: say so now, not after hours of sampling
+    if args.judge:
+        load_judge_tokenizer(args.judge)  # likewise: not on the Hub, no chat template
     device = stapo.resolve_device(stapo.Config(device=args.device))
     # Everything that changes a sample or a score: the device type because precision "auto" and the kernels
     # depend on it, and (below) the plan's sequences per call because it cuts the queue into generate calls.
     data = "hub" if args.data_dir == "hub" else str(Path(args.data_dir).resolve())
     settings = {"model": args.model, "temperature": temperature, "top_p": top_p, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "prompt_format": args.prompt_format, "samples": args.samples, "limit": args.limit,
-                "data": data, "precision": args.precision, "device": device.type, "grader": args.grader}  # fmt: skip
+                "data": data, "precision": args.precision, "device": device.type, "grader": args.grader,
+                "judge": args.judge}  # fmt: skip
     name = "-".join(Path(args.model).parts[-2:]) if Path(args.model).name.startswith("step-") else Path(args.model).name
     out_dir = Path(args.output_dir or f"evals/{name}_t{temperature}_p{top_p}")  # runs/stapo/step-N: stapo-step-N
     refuse_other_settings(out_dir, settings)  # now, before the tokenizer and the plan are loaded
@@ -557,12 +713,8 @@ def evaluate(args) -> str:
         tokenizer = stapo.load_tokenizer(args.model)
     prompts = {name: [stapo.encode_prompt(e["problem"], tokenizer, args.prompt_format) for e in examples]
                for name, examples in benchmarks.items()}  # fmt: skip
-    sizing = eval_plan(args, device, max(len(p) for ps in prompts.values() for p in ps))
-    line = plan.eval_plan_line(sizing, Path(args.model).name)
-    print(line, flush=True)
-    if sizing["total"] > sizing["budget"]:  # before a run folder is made
-        fixes = ["--generate-batch 0"] * (args.generate_batch > 0) + ["--precision bf16"] * (not sizing["bf16"])
-        raise SystemExit(f"{line}: refused; try {' or '.join([*fixes, 'a shorter --max-new-tokens', 'more memory'])}")
+    sequences = max(len(ps) * (args.samples or BENCHMARKS[name].samples) for name, ps in prompts.items())
+    sizing = fitting_plan(args, device, max(len(p) for ps in prompts.values() for p in ps), sequences)  # before a run
     gen_path, have = open_run(out_dir, settings | {"sequences_per_call": sizing["sequences_per_call"]})
     print(f"eval: writing to {out_dir.resolve()}", flush=True)  # flushed: a batch job's log shows it at once
 
@@ -571,7 +723,8 @@ def evaluate(args) -> str:
             args.model, device, tokenizer, dtype=torch.bfloat16 if sizing["bf16"] else torch.float32
         )
     cfg = stapo.Config(temperature=temperature, top_p=top_p, max_new_tokens=args.max_new_tokens,
-                       generate_batch=sizing["sequences_per_call"], precision="bf16-autocast" if sizing["bf16"] else "fp32")  # fmt: skip
+                       generate_batch=sizing["sequences_per_call"],
+                       precision="bf16-autocast" if sizing["bf16"] else "fp32")  # fmt: skip
     wanted = set()
     for name, examples in benchmarks.items():
         k, start = args.samples or BENCHMARKS[name].samples, time.perf_counter()  # samples None: the paper's number
@@ -580,8 +733,13 @@ def evaluate(args) -> str:
         avg = sum(have[key] for key in keys) / len(keys)
         print(f"{name} | {len(examples)} problems x {k} samples | avg@{k} {100 * avg:.1f} (rules) | "
               f"{time.perf_counter() - start:.0f}s", flush=True)  # fmt: skip
-    rows = [r for r in read_generations(gen_path) if (r["benchmark"], r["problem_idx"], r["sample_idx"]) in wanted]
-    return write_results(rows, out_dir / "results.json", out_dir / "results.md", args.grader)
+    records = read_generations(gen_path)
+    if args.judge:
+        del model  # the judge loads once the policy's memory is free
+        gc.collect()
+        judge_samples(records, gen_path, args, device)
+    rows = [r for r in records if (r["benchmark"], r["problem_idx"], r["sample_idx"]) in wanted]
+    return write_results(rows, out_dir / "results.json", out_dir / "results.md", args.grader, args.judge)
 
 
 def number(kind, allowed: str, ok):
@@ -603,6 +761,7 @@ COUNT = number(int, "a whole number >= 1", lambda v: v >= 1)
 POSITIVE = number(float, "a number > 0", lambda v: 0 < v < math.inf)
 NON_NEGATIVE_INT = number(int, "a whole number >= 0", lambda v: v >= 0)
 PROBABILITY = number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+DEVICE = number(str, "auto, cpu, cuda or cuda:N", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v))
 
 
 def parse_args(argv=None):
@@ -628,7 +787,9 @@ def parse_args(argv=None):
                    help="weights and KV cache; auto: bf16 on CUDA, fp32 on CPU")  # fmt: skip
     grader_help = "rules: grade; math-verify (pip install math-verify); both: rules + agreement"
     p.add_argument("--grader", choices=GRADERS, default="rules", help=grader_help)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--judge", nargs="?", const=JUDGE, metavar="MODEL", help="an LLM verifier for the samples the "
+                   f"rules grade wrong; a chat model's Hub id or folder (alone: {JUDGE}, the paper's)")  # fmt: skip
+    p.add_argument("--device", type=DEVICE, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", help="default: evals/<model>_t<temperature>_p<top-p>")
     args = p.parse_args(argv)
@@ -644,15 +805,18 @@ def main(argv=None):
     if args.model and args.dry_run:  # no weights, no data: prompts up to the trainer's --max-prompt-tokens
         gpu = torch.device("cuda") if torch.cuda.is_available() else None
         return print(plan.eval_plan_line(eval_plan(args, gpu, stapo.Config().max_prompt_tokens), Path(args.model).name))
-    if args.model and args.device.startswith("cuda") and torch.cuda.device_count() <= int(args.device[5:] or 0):
-        raise SystemExit(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    gpus = torch.cuda.device_count()
+    if (args.model or args.judge) and args.device.startswith("cuda") and gpus <= int(args.device[5:] or 0):
+        raise SystemExit(f"--device {args.device}: this machine has {gpus} CUDA devices")
     if args.score:
         path = Path(args.score)  # the tables go beside it under its own name: a run's results.md stays as it is
         rows = read_generations(path)
         if not rows:
             raise SystemExit(f"{path}: no records: not a generations file of eval.py")
-        out = f"{path.stem}.score-{args.grader}"
-        print(write_results(rows, path.with_name(f"{out}.json"), path.with_name(f"{out}.md"), args.grader))
+        if args.judge:
+            judge_samples(rows, path, args, stapo.resolve_device(stapo.Config(device=args.device)))
+        out = f"{path.stem}.score-{args.grader}{'-judged' * bool(args.judge)}"
+        print(write_results(rows, path.with_name(f"{out}.json"), path.with_name(f"{out}.md"), args.grader, args.judge))
     else:
         print(evaluate(args))
 

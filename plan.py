@@ -14,6 +14,7 @@ shorter answers), each with its peak. eval.py sizes its generate calls with eval
 import argparse
 import dataclasses
 import itertools
+import math
 import sys
 
 import torch
@@ -164,13 +165,14 @@ def fixes_that_fit(model_config, cfg: stapo.Config, world_size: int, device_byte
 
 
 def eval_plan(model_config, device_bytes: float, bf16: bool, prompt_tokens: int, max_new_tokens: int,
-              generate_batch: int = 0) -> dict:  # fmt: skip
+              generate_batch: int = 0, sequences: int = 0) -> dict:  # fmt: skip
     """eval.py's generate calls: the weights (bf16 on a GPU; no gradients, no AdamW) and per sequence what stapo.fit
-    counts (its KV cache, the sampler's memory); generate_batch 0: as many sequences as HEADROOM leaves room for."""
+    counts (its KV cache, the sampler's memory); generate_batch 0: as many sequences as HEADROOM leaves room for,
+    and no more than the `sequences` there are to sample (0: no limit)."""
     cfg = stapo.Config(max_prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, generate_batch=1)
     fit, seq = stapo.fit(model_config, cfg, 1, device_bytes, bf16), prompt_tokens + max_new_tokens
     weights, kv = (2 if bf16 else 4) * stapo.sizes(model_config)[0], seq * stapo.kv_bytes_per_token(model_config, bf16)
-    n = generate_batch or max(1, int((fit["budget"] - weights) // fit["per_sequence"]))
+    n = generate_batch or max(1, min(int((fit["budget"] - weights) // fit["per_sequence"]), sequences or math.inf))
     return {"bf16": bf16, "weights": weights, "sequences_per_call": n, "tokens_per_sequence": seq, "kv_cache": n * kv,
             "sampling": n * (fit["per_sequence"] - kv), "budget": fit["budget"],
             "total": weights + n * fit["per_sequence"]}  # fmt: skip
