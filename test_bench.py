@@ -13,6 +13,7 @@ import stapo
 HERE = Path(__file__).parent
 
 
+@pytest.mark.slow  # 5 s: bench.py --gpu in a subprocess
 def test_self_check_on_cpu_measures_bf16_keys_and_values():
     """The command a user runs, as a user runs it, with no network: on CPU the tiny model under bf16 autocast."""
     run = subprocess.run([sys.executable, "bench.py", "--gpu", "--device", "cpu"], cwd=HERE, capture_output=True,
@@ -70,6 +71,7 @@ def test_a_phase_over_its_plan_and_a_config_that_cannot_be_had_exit_differently(
     assert "--model nobody/no-such-model: no local file or folder of that name here" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 12 s: two subprocess runs of the check
 def test_the_prepared_gpu_check_runs_its_flow_on_cpu(tmp_path, monkeypatch):
     """python bench.py --gpu-check --device cpu: the environment, the self-check at the defaults and at the full
     shape, each output in one folder with a summary; the same flow a GPU runs, on the tiny model."""

@@ -494,7 +494,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     rollouts, advantages = rollout_batch(model, tok, cfg)
     plain_loss, plain = one_update(model, rollouts, advantages, cfg)
     checkpointed = copy.deepcopy(model)
-    checkpointed.gradient_checkpointing_enable()  # the name every transformers 5 has
+    (getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable)()
     checkpointed.train()
     ckpt_loss, ckpt = one_update(checkpointed, rollouts, advantages, cfg)
     assert abs(plain_loss - ckpt_loss) < 1e-6
@@ -1013,9 +1013,8 @@ def test_ctrl_c_at_each_stage_ends_in_one_line(tmp_path):
     assert out[-1].strip() == f"stopped; resume with: python stapo.py --resume {ckpt}"
     # a second Ctrl-C while the checkpoint is written (torch.save made slow): at once, one line naming the last
     # complete checkpoint, and the half-written folder removed
-    slow_save = (
-        "import time, torch, stapo; save = torch.save; torch.save = lambda *a: time.sleep(3) or save(*a); stapo.main()"
-    )
+    slow_save = ("import time, torch, stapo; save = torch.save; "
+                 "torch.save = lambda *a, **k: time.sleep(3) or save(*a, **k); stapo.main()")  # fmt: skip
     proc, out = start([*args, "--output-dir", str(tmp_path / "c")], script=("-c", slow_save))
     wait_for(lambda: any(line.startswith("step    1/") for line in out))
     proc.send_signal(signal.SIGINT)
@@ -1480,7 +1479,7 @@ def sharded_load_worker(rank: int, port: int, folder: str, out_file: str):
     eos = stapo.all_records([model.generation_config.eos_token_id])
     if rank == 0:  # rank 0 writes the checkpoint slowly: no other rank may touch its temporary folder meanwhile
         save = torch.save
-        torch.save = lambda *args: time.sleep(0.5) or save(*args)
+        torch.save = lambda *args, **kwargs: time.sleep(0.5) or save(*args, **kwargs)
     dtypes = stapo.all_records([dtypes_of_a_step(model, tok, Path(out_file).parent / "run")])
     if rank == 0:
         torch.save({"weights": weights, "buffers": buffers, "reads": reads, "local": local, "eos": eos,
