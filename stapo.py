@@ -406,15 +406,18 @@ def sequence_logp(model, rollouts: Rollouts, rows: list[int], cfg: Config, with_
 
 
 def micro_batches(rollouts: Rollouts, rows: list[int], token_budget: int) -> list[list[int]]:
-    """Split rows into micro-batches whose padded size (rows x longest) fits token_budget; sorting by
-    length first keeps padding small. Under torchrun every rank runs as many (lock_step)."""
-    lengths = [len(p) + int(n) for p, n in zip(rollouts.prompts, rollouts.completion_mask.sum(1), strict=True)]
-    batches, current = [], []
-    for r in sorted(rows, key=lambda r: lengths[r]):
-        if current and (len(current) + 1) * lengths[r] > token_budget:
+    """Split rows into micro-batches whose padded size, rows x (longest prompt + longest completion) as
+    sequence_logp lays them out, fits token_budget; sorting by length first keeps padding small. Under torchrun
+    every rank runs as many (lock_step)."""
+    prompt, completion = [len(p) for p in rollouts.prompts], rollouts.completion_mask.sum(1).tolist()
+    batches, current, width = [], [], (0, 0)
+    for r in sorted(rows, key=lambda r: prompt[r] + completion[r]):
+        longest = (max(width[0], prompt[r]), max(width[1], completion[r]))
+        if current and (len(current) + 1) * sum(longest) > token_budget:
             batches.append(current)
-            current = []
+            current, longest = [], (prompt[r], completion[r])
         current.append(r)
+        width = longest
     return lock_step(batches + ([current] if current else []))
 
 

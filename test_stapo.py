@@ -416,6 +416,21 @@ def test_micro_batch_invariance(tiny, mask, loss_agg):
     assert worst < 1e-6, worst
 
 
+def test_a_micro_batch_padded_as_sequence_logp_lays_it_out_fits_its_token_budget():
+    # Long prompt + short answer next to short prompt + long answer: each row is 12 tokens, but padded side by
+    # side [prompt | completion] they are 10 + 10 = 20 wide. Rows x longest row (24) would put them together.
+    prompts = [torch.ones(10, dtype=torch.long), torch.ones(2, dtype=torch.long)] * 2
+    completion_mask = torch.tensor([[True] * 2 + [False] * 8, [True] * 10] * 2)
+    rollouts = stapo.Rollouts(prompts, torch.ones(4, 10, dtype=torch.long), completion_mask, torch.zeros(4, dtype=bool))
+    for budget in (24, 40, 60):
+        batches = stapo.micro_batches(rollouts, [0, 1, 2, 3], budget)
+        assert sorted(r for b in batches for r in b) == [0, 1, 2, 3]
+        for b in batches:
+            width = max(len(prompts[r]) for r in b) + int(completion_mask[b].sum(1).max())
+            assert len(b) == 1 or len(b) * width <= budget, (budget, batches)
+    assert len(stapo.micro_batches(rollouts, [0, 1, 2, 3], 40)) == 2  # 2 rows of 20, not 4 of 12 with padding
+
+
 @pytest.mark.parametrize(("mask", "loss_agg"), [("s2t", "token"), ("high-entropy", "token"), ("none", "sequence")])
 def test_ppo_update_divides_by_the_kept_tokens_of_the_mini_batch(tiny, mask, loss_agg):
     # On-policy the ratio is 1 and the surrogate of a kept token is its A: the loss is -mean(A) over the
@@ -842,9 +857,14 @@ def test_data_order_is_a_permutation_per_epoch():
 # End to end
 
 
-def run_cli(args, cwd=HERE, timeout=120):
+# python -c WITHOUT_DATASETS script.py args: the script on a machine where `import datasets` fails
+WITHOUT_DATASETS = ("import runpy, sys; sys.modules['datasets'] = None; sys.argv.pop(0); "
+                    "runpy.run_path(sys.argv[0], run_name='__main__')")  # fmt: skip
+
+
+def run_cli(args, cwd=HERE, timeout=120, python=()):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "stapo.py", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *python, "stapo.py", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)  # fmt: skip
 
 
@@ -892,7 +912,8 @@ def test_one_step_end_to_end_then_resume_equals_uninterrupted(tmp_path):
 
 @pytest.mark.slow  # a subprocess: imports torch and transformers again
 def test_cli_smoke_run_from_the_readme(tmp_path):
-    result = run_cli(["--model", "tiny", "--dataset", "toy", "--steps", "3", "--output-dir", str(tmp_path)])
+    args = ["--model", "tiny", "--dataset", "toy", "--steps", "3", "--output-dir", str(tmp_path)]
+    result = run_cli(args, python=("-c", WITHOUT_DATASETS))  # the toy data needs no `datasets`
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("| reward") == 3 and (tmp_path / "step-000003" / "model.safetensors").exists()
     # quiet: the config is a file, one line says where; no progress bar of a one-shard save
