@@ -274,6 +274,13 @@ def extrapolate(metrics: dict, cfg: stapo.Config, config, device: torch.device, 
     return estimate | {"total": sum(estimate.values())}
 
 
+def version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def gpu_check(argv: list[str]) -> int:
     """python bench.py --gpu-check [--out DIR] [--device cpu]: the environment, then --gpu at the defaults and at
     --full-shape (each within a time limit), every output in DIR with a summary.md. The exit code is the worst."""
@@ -284,9 +291,9 @@ def gpu_check(argv: list[str]) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    versions = {name: importlib.metadata.version(name) for name in FLOORS}  # datasets is not imported for it
+    versions = {name: version(name) for name in FLOORS}  # datasets is not needed for the check, so not imported
     low = [f"{k} {v} < {'.'.join(map(str, FLOORS[k]))}" for k, v in versions.items()
-           if tuple(int(x) for x in v.split("+")[0].split(".")[:2]) < FLOORS[k]]  # fmt: skip
+           if v != "not installed" and tuple(int(x) for x in v.split("+")[0].split(".")[:2]) < FLOORS[k]]  # fmt: skip
     cuda = torch.cuda.is_available() and args.device != "cpu"
     env = [f"python {platform.python_version()}, " + ", ".join(f"{k} {v}" for k, v in versions.items()),
            f"CUDA: {torch.cuda.get_device_name() if cuda else 'not used' if args.device == 'cpu' else 'NOT AVAILABLE'}",

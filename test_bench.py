@@ -9,15 +9,18 @@ import pytest
 
 import bench
 import stapo
+from test_stapo import WITHOUT_DATASETS
 
 HERE = Path(__file__).parent
 
 
 @pytest.mark.slow  # 5 s: bench.py --gpu in a subprocess
 def test_self_check_on_cpu_measures_bf16_keys_and_values():
-    """The command a user runs, as a user runs it, with no network: on CPU the tiny model under bf16 autocast."""
-    run = subprocess.run([sys.executable, "bench.py", "--gpu", "--device", "cpu"], cwd=HERE, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    """The command a user runs, as a user runs it, with no network and no `datasets`: on CPU the tiny model under
+    bf16 autocast."""
+    command = [sys.executable, "-c", WITHOUT_DATASETS, "bench.py", "--gpu", "--device", "cpu"]
+    run = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     for phase in ("generation", "scoring", "update"):
         assert any(line.startswith(phase) and "n/a" in line for line in run.stdout.splitlines()), phase
