@@ -406,18 +406,16 @@ def sequence_logp(model, rollouts: Rollouts, rows: list[int], cfg: Config, with_
 
 
 def micro_batches(rollouts: Rollouts, rows: list[int], token_budget: int) -> list[list[int]]:
-    """Split rows into micro-batches whose padded size, rows x (longest prompt + longest completion) as
-    sequence_logp lays them out, fits token_budget; sorting by length first keeps padding small. Under torchrun
-    every rank runs as many (lock_step)."""
+    """Rows in micro-batches whose size as sequence_logp pads them, rows x (longest prompt + longest completion),
+    fits token_budget; sorted by length first, to pad little. Under torchrun every rank runs as many (lock_step)."""
     prompt, completion = [len(p) for p in rollouts.prompts], rollouts.completion_mask.sum(1).tolist()
-    batches, current, width = [], [], (0, 0)
+    batches, current = [], []
     for r in sorted(rows, key=lambda r: prompt[r] + completion[r]):
-        longest = (max(width[0], prompt[r]), max(width[1], completion[r]))
-        if current and (len(current) + 1) * sum(longest) > token_budget:
+        width = max(prompt[i] for i in [*current, r]) + max(completion[i] for i in [*current, r])
+        if current and (len(current) + 1) * width > token_budget:
             batches.append(current)
-            current, longest = [], (prompt[r], completion[r])
+            current = []
         current.append(r)
-        width = longest
     return lock_step(batches + ([current] if current else []))
 
 
@@ -1073,8 +1071,7 @@ class StopRun(Exception):
 
 
 def stop_point():
-    """A point before which nothing of the step under way was applied. Every rank passes the same ones in the same
-    order, and all stop at the first one after any rank got a signal."""
+    """Nothing of the step under way is applied before it; all ranks pass the same ones and stop at the same one."""
     if all_sum([len(STOP)])[0]:
         raise StopRun
 
