@@ -33,6 +33,7 @@ def test_self_check_on_cpu_measures_bf16_keys_and_values():
     "flags, planned_bytes, line, code",
     [
         (["--precision", "fp32"], None, "keys float32, values float32; 512 bytes measured, 512 planned: match", 0),
+        (["--gradient-checkpointing", "on"], None, "256 bytes measured, 256 planned: match", 0),  # old or new name
         ([], 100, "keys bfloat16, values bfloat16; 256 bytes measured, 100 planned: MISMATCH", 1),  # a wrong plan
     ],
 )  # fmt: skip
@@ -70,7 +71,7 @@ def test_a_phase_over_its_plan_and_a_config_that_cannot_be_had_exit_differently(
     assert "OVER PLAN" in capsys.readouterr().out
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    assert bench.self_check(["--device", "cpu", "--model", "nobody/no-such-model"]) == bench.NO_CONFIG
+    assert bench.self_check(["--device", "cpu", "--model", "nobody/no-such-model"]) == 3  # the documented code
     assert "--model nobody/no-such-model: no local file or folder of that name here" in capsys.readouterr().err
 
 

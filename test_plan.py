@@ -186,6 +186,14 @@ GRID = [(prompts, new, gb, world) for prompts in (8, 16, 32) for new in (1024, 4
         for world in (1, 2) if gb * world > 24]  # fp32 weights, gradients and AdamW of 1.7B need 27.5 GB  # fmt: skip
 
 
+def resident_and_per_sequence(config, new: int, world: int) -> tuple[float, int]:
+    """By hand: the bytes a 1.7B run holds besides generation, and one sequence's in generation."""
+    n = stapo.sizes(config)[0]
+    resident = 12 * n / world + 2 * n  # fp32 weights and AdamW states, and the bf16 weights to sample from
+    per_sequence = (1024 + new) * stapo.kv_bytes_per_token(config, True) + 20 * 151_936 + 1024 * (6 * 6144 + 14 * 2048)
+    return resident, per_sequence
+
+
 @pytest.mark.parametrize(("prompts", "new", "gb", "world"), GRID)
 def test_the_generate_batch_is_rounded_once(prompts, new, gb, world):
     """The sequences per call are counted once from bytes (the old plan stored a KV budget in GB and divided it
@@ -193,14 +201,23 @@ def test_the_generate_batch_is_rounded_once(prompts, new, gb, world):
     config = qwen3_config("1.7B")
     cfg = stapo.Config(prompts_per_step=prompts, max_new_tokens=new, gpu_memory_gb=gb, precision="bf16-autocast")
     fitted, parts = stapo.fit_memory(config, cfg, CPU, world)
-    n = stapo.sizes(config)[0]
-    resident = 12 * n / world + 2 * n  # fp32 weights and AdamW states, and the bf16 weights to sample from
-    per_sequence = (1024 + new) * stapo.kv_bytes_per_token(config, True) + 20 * 151_936 + 1024 * (6 * 6144 + 14 * 2048)
+    resident, per_sequence = resident_and_per_sequence(config, new, world)
     fits = int((0.9 * gb * 1e9 - resident) // per_sequence)
     rollouts = prompts * 8 // world
     calls = math.ceil(rollouts / max(1, fits))
     assert fitted.generate_batch == max(1, math.ceil(rollouts / calls))
     assert plan.plan_memory(config, cfg, world, gb * 1e9)["generate_batch"] == fitted.generate_batch
+
+
+@pytest.mark.parametrize(("offset", "batch"), [(-1000, 52), (1000, 64)])
+def test_the_generate_batch_is_exact_at_the_edge(offset, batch):
+    """1 KB short of the memory of 64 sequences, 63 fit: 256 rollouts in 5 calls of 52; 1 KB over it, 4 calls of
+    64. A budget rounded anywhere (to 0.1 GB, say) gives both settings the same answer."""
+    config = qwen3_config("1.7B")
+    resident, per_sequence = resident_and_per_sequence(config, 4096, 1)
+    gb = (64 * per_sequence + offset + resident) / 0.9e9
+    cfg = stapo.Config(prompts_per_step=32, max_new_tokens=4096, gpu_memory_gb=gb, precision="bf16-autocast")
+    assert stapo.fit_memory(config, cfg, CPU, 1)[0].generate_batch == batch
 
 
 def test_generate_makes_calls_of_exactly_the_generate_batch(monkeypatch):

@@ -61,6 +61,15 @@ def test_s2t_threshold_is_absolute_probability_and_strict_entropy():
     assert not spurious.any()
 
 
+def test_a_token_whose_p_equals_tau_p_is_not_a_candidate():
+    # candidates need p < tau_p, strictly: tokens 0 and 1 sit exactly on it, tokens 2 and 3 just below
+    logp = torch.full((1, 4), math.log(0.002))
+    logp[0, 2:] -= 1e-3
+    entropy = torch.tensor([[0.05, 0.05, 0.1, 5.0]])
+    s2t = stapo.s2t_select(logp, entropy, torch.tensor([1.0]), torch.ones(1, 4, dtype=torch.bool), 0.002, 0.75)
+    assert s2t.n_candidates == 2 and s2t.spurious.tolist() == [[False, False, True, False]]
+
+
 def test_s2t_negative_advantage_silences_nothing():
     p = torch.full((2, 4), 0.0001)
     entropy = torch.tensor([[0.1, 0.2, 0.3, 5.0], [0.1, 0.2, 0.3, 5.0]])
@@ -431,12 +440,14 @@ def test_a_micro_batch_padded_as_sequence_logp_lays_it_out_fits_its_token_budget
     assert len(stapo.micro_batches(rollouts, [0, 1, 2, 3], 40)) == 2  # 2 rows of 20, not 4 of 12 with padding
 
 
+@pytest.mark.parametrize("micro_batch_tokens", [16384, 1])  # one micro-batch, or one per answer
 @pytest.mark.parametrize(("mask", "loss_agg"), [("s2t", "token"), ("high-entropy", "token"), ("none", "sequence")])
-def test_ppo_update_divides_by_the_kept_tokens_of_the_mini_batch(tiny, mask, loss_agg):
+def test_ppo_update_divides_by_the_kept_tokens_of_the_mini_batch(tiny, mask, loss_agg, micro_batch_tokens):
     # On-policy the ratio is 1 and the surrogate of a kept token is its A: the loss is -mean(A) over the
-    # kept tokens (token) or over the answers that keep a token (sequence). Silenced tokens are in neither.
+    # kept tokens (token) or over the answers that keep a token (sequence), however the micro-batches cut them.
+    # Silenced tokens are in neither.
     model, tok = tiny
-    cfg = tiny_cfg(max_new_tokens=20, mask=mask, loss_agg=loss_agg, tau_p=0.01)
+    cfg = tiny_cfg(max_new_tokens=20, mask=mask, loss_agg=loss_agg, tau_p=0.01, micro_batch_tokens=micro_batch_tokens)
     rollouts, advantages = rollout_batch(model, tok, cfg)
     model = copy.deepcopy(model)
     old_logp, entropy = stapo.score(model, rollouts, list(range(16)), cfg)
@@ -514,6 +525,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     ckpt_loss, ckpt = one_update(checkpointed, rollouts, advantages, cfg)
     assert abs(plain_loss - ckpt_loss) < 1e-6
     assert max((plain[n] - ckpt[n]).abs().max().item() for n in plain) < 1e-6
+
+
+def test_a_run_turns_gradient_checkpointing_on_with_any_transformers_it_admits(tmp_path, monkeypatch):
+    # CI runs this on the floor version too, where the method has only its old name
+    models, load = [], stapo.load_model
+    monkeypatch.setattr(stapo, "load_model", lambda *args, **kwargs: models.append(load(*args, **kwargs)) or models[0])
+    stapo.main([*SMALL, "--steps", "1", "--gradient-checkpointing", "on", "--output-dir", str(tmp_path)])
+    assert models[0].is_gradient_checkpointing
 
 
 def test_later_mini_batches_rescore_p_and_h_under_the_updated_policy(tiny, monkeypatch):
@@ -954,8 +973,10 @@ def test_a_stop_drops_the_step_under_way_saves_the_last_and_resumes_exactly(phas
     stapo.main(["--resume", str(tmp_path / "stopped" / "step-000001")])
     a, b = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("straight", "stopped"))
     assert [m["step"] for m in b] == [1, 2, 3]
-    for key in ("reward", "len_mean", "n_spurious", "loss", "grad_norm"):
+    for key in ("reward", "len_mean", "entropy", "n_spurious", "loss", "grad_norm"):
         assert [m[key] for m in b] == pytest.approx([m[key] for m in a], rel=1e-5, abs=1e-7), key
+    sa, sb = (read_metrics(tmp_path / run / "samples.jsonl") for run in ("straight", "stopped"))
+    assert [r["completion"] for r in sb] == [r["completion"] for r in sa]  # the random state of step 2's start
     wa, wb = (load_file(tmp_path / run / "step-000003" / "model.safetensors") for run in ("straight", "stopped"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
@@ -1498,13 +1519,13 @@ def sharded_load_worker(rank: int, port: int, folder: str, out_file: str):
     buffers = stapo.all_records([{k: b.clone() for k, b in model.named_buffers()}])
     reads = stapo.all_records([reads])
     eos = stapo.all_records([model.generation_config.eos_token_id])
-    if rank == 0:  # rank 0 writes the checkpoint slowly: no other rank may touch its temporary folder meanwhile
-        save = torch.save
-        torch.save = lambda *args, **kwargs: time.sleep(0.5) or save(*args, **kwargs)
+    removed, rmtree = [], shutil.rmtree  # rank 0 writes the checkpoint: no other rank may remove its temporary folder
+    shutil.rmtree = lambda path, *args, **kwargs: removed.append(Path(path).name) or rmtree(path, *args, **kwargs)
     dtypes = stapo.all_records([dtypes_of_a_step(model, tok, Path(out_file).parent / "run")])
+    removed = stapo.all_records([removed])
     if rank == 0:
         torch.save({"weights": weights, "buffers": buffers, "reads": reads, "local": local, "eos": eos,
-                    "dtypes": dtypes}, out_file)  # fmt: skip
+                    "dtypes": dtypes, "removed": removed}, out_file)  # fmt: skip
     leave_two_ranks(store)
 
 
@@ -1534,6 +1555,7 @@ def test_torchrun_loads_weights_on_rank_0_only_into_fp32_shards(tmp_path):
     for rank_dtypes in out["dtypes"]:
         assert rank_dtypes and all(v == {torch.float32} for v in rank_dtypes.values()), rank_dtypes
     assert {"saved", "saved adamw"} <= out["dtypes"][0].keys()
+    assert ".tmp-step-000001" in out["removed"][0] and out["removed"][1] == []
 
 
 def bf16_rollouts_worker(rank: int, port: int, out_file: str):
