@@ -46,6 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+if __name__ == "__main__":  # a Ctrl-C while torch loads (seconds): one line, not a traceback from inside torch
+    signal.signal(signal.SIGINT, lambda *_: print("stopped before the run began", file=sys.stderr) or os._exit(130))
+
 import huggingface_hub as hub
 import huggingface_hub.errors
 import tokenizers
@@ -529,13 +532,20 @@ def log_line(m: dict) -> str:
 def main(argv=None):
     cfg = parse_args(argv)
     transformers.utils.logging.disable_progress_bar()  # ours show the rollouts
+
+    def quit_now(*_):  # a Ctrl-C outside the loop, or a second one in it: at once, without a traceback
+        last = latest_checkpoint(Path(cfg.output_dir))
+        print(f"stopped at once; the last complete checkpoint is {last or 'none'}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # not a KeyboardInterrupt: a __del__ running at that moment would swallow it
+
+    previous = signal.signal(signal.SIGINT, quit_now)
     try:
         train(cfg)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop: stop at once, without a traceback
-        last = latest_checkpoint(Path(cfg.output_dir))
-        print(f"stopped at once; the last complete checkpoint is {last or 'none'}", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt:  # in the loop, raised so that a checkpoint half written is removed first
+        quit_now()
     finally:
+        signal.signal(signal.SIGINT, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 
