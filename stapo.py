@@ -914,6 +914,8 @@ def loading(flag: str, name: str, kind: str = "model"):
             why = f"no local file or folder of that name here, and {why_not}" + "; nor is it in the local cache" * cache
         elif latest := latest_checkpoint(Path(name)):
             why = f"a run folder: pass one of its checkpoints, e.g. {latest}"
+        elif kind == "model" and Path(name).is_dir() and not (Path(name) / "config.json").exists():
+            why = "a folder without a config.json, so no model folder (hf download ID --local-dir FOLDER makes one)"
         sys.exit(f"{flag} {name}: {why}")
 
 

@@ -1278,6 +1278,9 @@ def test_a_folder_whose_run_stopped_before_any_checkpoint_is_named(tmp_path):
 def test_odd_model_data_and_checkpoint_folders_are_named(run4, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"a run folder: pass one of its checkpoints, e.g. .*step-000004"):
         stapo.main(["--model", str(run4), "--output-dir", str(tmp_path / "out")])
+    (tmp_path / "models" / "Qwen3-1.7B-Base").mkdir(parents=True)  # a download that never happened
+    with pytest.raises(SystemExit, match=r"Base: a folder without a config.json, so no model folder"):
+        stapo.main(["--model", str(tmp_path / "models" / "Qwen3-1.7B-Base"), "--output-dir", str(tmp_path / "out")])
     (tmp_path / "data.csv").write_text("problem,answer\n")
     with pytest.raises(SystemExit, match="local files are .jsonl, .json or .parquet"):
         load(tiny_cfg(dataset=str(tmp_path / "data.csv")), None)
