@@ -59,11 +59,8 @@ def plan_memory(model_config, cfg: stapo.Config, world_size: int = 1, device_byt
     fit = stapo.fit(c, cfg, W, device_bytes or (cfg.gpu_memory_gb or 80) * 1e9, bf16)
     n, layer, D, M, H, K, d, L, V = stapo.sizes(c)
     seq, ckpt, tied = cfg.max_prompt_tokens + cfg.max_new_tokens, fit["checkpointing"], c.tie_word_embeddings
-    tokens = max(1, cfg.micro_batch_tokens // seq) * seq
-    chunk, per_layer = (
-        min(cfg.logit_chunk or tokens, tokens),
-        stapo.activation_bytes_per_token(c) + 4 * (H - K) * d + 2 * seq,
-    )
+    tokens, per_layer = fit["tokens"], fit["per_layer"]  # a full micro-batch; a layer's activations per token
+    chunk = min(cfg.logit_chunk or tokens, tokens)
     kv = fit["generate_batch"] * seq * stapo.kv_bytes_per_token(c, bf16)
     plan = {
         "budget": fit["budget"], "parameters": n, "tokens": tokens, "gradient_checkpointing": ckpt,

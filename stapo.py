@@ -1226,7 +1226,8 @@ def fit(c, cfg: Config, world: int, device_bytes: float, bf16: bool) -> dict:
     per_call = max(1, cfg.generate_batch or int((budget - resident) // per_sequence))
     per_call = min(per_call, math.ceil(rollouts / math.ceil(rollouts / per_call)))  # evenly filled
     return {"budget": budget, "state": state, "checkpointing": checkpointing, "generate_batch": per_call,
-            "generation": resident + per_call * per_sequence, "per_sequence": per_sequence}  # fmt: skip
+            "generation": resident + per_call * per_sequence, "per_sequence": per_sequence, "tokens": tokens,
+            "per_layer": per_layer}  # fmt: skip
 
 
 def device_memory(cfg: Config, device: torch.device) -> float:
