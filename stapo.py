@@ -497,11 +497,13 @@ def train(cfg: Config):
                 last = save_checkpoint(model, tokenizer, optimizer, scheduler, cfg, step + 1, rng_states())
                 print(f"saved {last}")
     except torch.OutOfMemoryError as e:  # one line: the phase, what the plan gave it, what to try
-        phase, half = (getattr(e, "__notes__", None) or ["update"])[-1], cfg.micro_batch_tokens // 2
-        what = (f"{cfg.generate_batch} sequences per generate call (planned at {plan['generation'] / 1e9:.1f} GB); "
-                f"try --generate-batch {max(1, cfg.generate_batch // 2)}" if phase == "generation" else f"micro-"
-                f"batches of {cfg.micro_batch_tokens:,} tokens, checkpointing {cfg.gradient_checkpointing}; try "
-                f"--micro-batch-tokens {half}")  # fmt: skip
+        phase = (getattr(e, "__notes__", None) or ["update"])[-1]
+        if phase == "generation":
+            what = (f"{cfg.generate_batch} sequences per generate call (planned at {plan['generation'] / 1e9:.1f} "
+                    f"GB); try --generate-batch {max(1, cfg.generate_batch // 2)}")  # fmt: skip
+        else:  # scoring and the update run micro-batches
+            what = (f"micro-batches of {cfg.micro_batch_tokens:,} tokens, checkpointing {cfg.gradient_checkpointing}; "
+                    f"try --micro-batch-tokens {cfg.micro_batch_tokens // 2}")  # fmt: skip
         sys.exit(f"out of memory in {phase}: {what}. The last checkpoint, {last or 'none yet'}, is intact; "
                  "python plan.py with the same flags prints the plan of every phase")  # fmt: skip
     finally:
