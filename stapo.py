@@ -15,16 +15,13 @@ One training step:
 The paper's baselines run in the same loop: --mask none is JustRL/DAPO, --mask high-entropy is
 20-Entropy, --mask none --loss-agg sequence --eps-high 0.2 is GRPO. "# STAPO:" marks every line
 where STAPO differs from plain DAPO. Sections 1-4 read top to bottom; the appendix is what a run
-needs besides. Under torchrun (FSDP2) mini-batch statistics are taken over all ranks with all_sum /
-all_cat (the identity in one process). Beside this file: eval.py (the paper's benchmarks), plan.py
-(memory per phase), bench.py (GPU self-check), plot.py (curves). Left out on purpose: vLLM (HF
-generate is slower but readable), sequence packing, multi-node scripts, length penalties, KL.
+needs besides. Left out on purpose: vLLM (HF generate is slower but readable), sequence packing,
+multi-node scripts, length penalties, KL. Tools beside it: eval.py, plan.py, bench.py, plot.py.
 
 Run:   python stapo.py --model Qwen/Qwen3-1.7B-Base                      (one GPU)
        python stapo.py --model tiny --steps 3                            (CPU smoke run, no downloads)
        python stapo.py --model tiny-sft --steps 120 --lr 1e-3            (CPU demo: tokens silenced)
        torchrun --nproc_per_node 8 stapo.py --model Qwen/Qwen3-8B-Base   (8 GPUs, one node)
-Test:  pytest -q
 """
 
 import argparse
@@ -75,8 +72,7 @@ def knob(default, help: str):
 @dataclass
 class Config:
     # model and data
-    model: str = knob("Qwen/Qwen3-1.7B-Base", "HF id or folder; tiny: a random CPU model, CPU-sized defaults, toy "
-                      "data; tiny-sft: tiny taught the answer format first (the CPU demo)")  # fmt: skip
+    model: str = knob("Qwen/Qwen3-1.7B-Base", "HF id or folder; tiny: random, toy data; tiny-sft: the CPU demo")
     dataset: str = knob("BytedTsinghua-SIA/DAPO-Math-17k", "Hub id, local .jsonl/.json/.parquet, or toy")
     dataset_config: str | None = knob(None, "Hub dataset config name")
     split: str = knob("train", "dataset split (local files: train)")
@@ -98,9 +94,7 @@ class Config:
     top_p: float = knob(1.0, "nucleus sampling")
     generate_batch: int = knob(0, "sequences per generate call; 0: as many as the free memory holds")
     # STAPO / S2T
-    mask: Literal["s2t", "none", "high-entropy"] = knob(
-        "s2t", "s2t: STAPO; none: JustRL, GRPO; high-entropy: 20-Entropy"
-    )
+    mask: Literal["s2t", "none", "high-entropy"] = knob("s2t", "STAPO (s2t), JustRL/GRPO (none), 20-Entropy")
     tau_p: float = knob(0.002, "probability below which a token of a correct answer is a candidate")
     q: float = knob(0.75, "entropy quantile over the candidates that sets tau_h")
     entropy_top: float = knob(0.2, "share of tokens kept by --mask high-entropy")
@@ -118,9 +112,7 @@ class Config:
     # memory
     micro_batch_tokens: int = knob(16384, "token budget of one forward/backward")
     logit_chunk: int = knob(256, "tokens per LM-head chunk (0: no chunking)")
-    gradient_checkpointing: Literal["auto", "on", "off"] = knob(
-        "auto", "recompute the body in backward; auto: if needed"
-    )
+    gradient_checkpointing: Literal["auto", "on", "off"] = knob("auto", "recompute in backward; auto: if needed")
     gpu_memory_gb: float = knob(0.0, "memory to plan for; 0: what is free on the device")
     # logging and checkpoints
     save_every: int = knob(50, "checkpoint every N steps (and at the end)")
@@ -377,11 +369,8 @@ class Rollouts:
 
 def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask), both (b, max_len), padded on the left as generate expects."""
-    width = max(len(s) for s in seqs)
-    ids, mask = torch.full((len(seqs), width), pad_id), torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s) :], mask[row, width - len(s) :] = s, 1
-    return ids, mask
+    pad = functools.partial(torch.nn.utils.rnn.pad_sequence, batch_first=True, padding_side="left")
+    return pad(seqs, padding_value=pad_id), pad([torch.ones_like(s) for s in seqs])
 
 
 def sequence_logp(model, rollouts: Rollouts, rows: list[int], cfg: Config, with_entropy: bool = False):
@@ -519,9 +508,7 @@ def train(cfg: Config):
 
 def log_line(m: dict) -> str:
     tau_h = f"{m['tau_h']:.3f}" if m["tau_h"] is not None else "  -  "
-    peak = (
-        f" | peak {max(m[k] for k in ('generation_gb', 'scoring_gb', 'update_gb')):.1f} GB" if "update_gb" in m else ""
-    )
+    peak = f" | peak {max(m[k] for k in m if k.endswith('_gb')):.1f} GB" if "update_gb" in m else ""
     return (
         f"step {m['step']:>4}/{m['steps']} | reward {m['reward']:.3f} | zero-std {m['frac_zero_std']:.2f} | "
         f"len {m['len_mean']:6.1f} | trunc {m['truncated_frac']:.2f} | H {m['entropy']:.3f} | "
@@ -654,12 +641,9 @@ def parse_row(row: dict, problem_key: str | None = None, answer_key: str | None 
     if isinstance(problem, list):  # chat messages: the last user turn
         turns = [m.get("content") for m in problem if isinstance(m, dict) and m.get("role", "user") == "user"]
         problem = turns[-1] if turns else None
-    answer = row["reward_model"].get("ground_truth") if isinstance(row.get("reward_model"), dict) else None
-    answer = (
-        row.get(answer_key)
-        if answer_key
-        else next((row[k] for k in ANSWER_KEYS if row.get(k) not in (None, "")), answer)
-    )
+    dapo = row["reward_model"].get("ground_truth") if isinstance(row.get("reward_model"), dict) else None
+    keys = [answer_key] if answer_key else ANSWER_KEYS
+    answer = next((row[k] for k in keys if row.get(k) not in (None, "")), None if answer_key else dapo)
     answer = int(answer) if isinstance(answer, float) and answer.is_integer() else answer  # 27.0 -> "27"
     if not isinstance(problem, str) or not problem.strip():
         return "no problem text (or a chat without a user turn)"
@@ -752,15 +736,11 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
             completions += list(out[:, ids.shape[1] :].cpu())
     model.train(was_training)
     # Cut each completion after its first EOS, which stays in (it is the answer's last action).
-    width = max(1, max(len(c) for c in completions))
-    tokens = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
-    completion_mask = torch.zeros((len(completions), width), dtype=torch.bool)  # (B, T)
-    truncated = torch.zeros(len(completions), dtype=torch.bool)  # (B,): no EOS within max_new_tokens
-    for row, c in enumerate(completions):
-        hits = torch.isin(c, torch.tensor(eos)).nonzero()
-        n = int(hits[0]) + 1 if len(hits) else len(c)
-        tokens[row, :n], completion_mask[row, :n], truncated[row] = c[:n], True, not len(hits)
-    return Rollouts(prompts, tokens, completion_mask, truncated)
+    tokens = torch.nn.utils.rnn.pad_sequence(completions, batch_first=True, padding_value=-1)  # (B, T)
+    eos_hit = torch.isin(tokens, torch.tensor(eos)).long()  # (B, T)
+    completion_mask = (eos_hit.cumsum(1) - eos_hit == 0) & (tokens >= 0)  # (B, T): up to the first EOS, included
+    truncated = eos_hit.sum(1) == 0  # (B,): no EOS within max_new_tokens
+    return Rollouts(prompts, tokens.where(completion_mask, tokenizer.pad_token_id), completion_mask, truncated)
 
 
 @contextmanager
@@ -985,11 +965,8 @@ def save_checkpoint(model, tokenizer, optimizer, scheduler, cfg: Config, step: i
     out, (rank, world) = Path(cfg.output_dir), rank_and_world()
     whole = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
     final, tmp = out / f"step-{step:06d}", out / f".tmp-step-{step:06d}"
-    weights, optim = (
-        dcp.get_model_state_dict(model, options=whole),
-        dcp.get_optimizer_state_dict(model, optimizer, options=whole),
-    )
-    rngs = all_records([rng])
+    weights = dcp.get_model_state_dict(model, options=whole)
+    optim, rngs = dcp.get_optimizer_state_dict(model, optimizer, options=whole), all_records([rng])
     try:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1184,8 +1161,7 @@ HEADROOM = 0.9  # plan to 90 % of what is free: the CUDA allocator rounds and fr
 
 
 def sizes(c) -> tuple[int, ...]:
-    """(n parameters, of one layer, D hidden, M MLP, H query heads, K key/value heads, d head width, L layers, V
-    vocabulary) of a Qwen3/Llama-style config."""
+    """(n parameters, of a layer, D hidden, M MLP, H heads, K KV heads, d head width, L layers, V vocabulary)."""
     D, M, H, K, L, V = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
                         c.num_hidden_layers, c.vocab_size)  # fmt: skip
     d = getattr(c, "head_dim", None) or D // H
@@ -1200,18 +1176,16 @@ def kv_bytes_per_token(c, bf16: bool) -> int:
 
 
 def activation_bytes_per_token(c) -> int:
-    """Bytes autograd keeps per token per decoder layer (fp32 weights, bf16 autocast, no checkpointing), measured
-    with saved-tensor hooks at the real widths of Qwen3-1.7B and 8B (test_plan.py): 26 D for the RMSNorms' fp32
-    inputs, outputs and autocast's casts, 8 M for the MLP, 10 (H + K) d for q/k norms and attention, 8 H + 4 K
-    + 8 for reciprocals and logsumexp. The math attention kernel (GPUs before sm80) keeps far more."""
+    """Bytes autograd keeps per token per decoder layer (fp32 weights, bf16 autocast), as measured at the widths of
+    Qwen3-1.7B and 8B (test_plan.py): 26 D for the RMSNorms and casts, 8 M for the MLP, 10 (H + K) d for q/k norms
+    and attention, 8 H + 4 K + 8 for reciprocals and logsumexp. GPUs before sm80 (math attention) keep far more."""
     n, layer, D, M, H, K, d, L, V = sizes(c)
     return 26 * D + 8 * M + 10 * (H + K) * d + 8 * H + 4 * K + 8
 
 
 def fit(c, cfg: Config, world: int, device_bytes: float, bf16: bool) -> dict:
-    """The two decisions, from the model's shape and the memory: gradient checkpointing (on if a micro-batch's
-    update would not fit without it) and how many sequences one generate call holds (what the weights and AdamW
-    states leave free, in as few calls as fit, evenly filled). plan.py builds its detailed plan on them."""
+    """The two decisions: gradient checkpointing (on if a micro-batch's update would not fit without it), and the
+    sequences per generate call (what the weights and AdamW states leave free, in as few calls as fit, evenly)."""
     n, layer, D, M, H, K, d, L, V = sizes(c)
     budget, seq = HEADROOM * device_bytes, cfg.max_prompt_tokens + cfg.max_new_tokens
     tokens = max(1, cfg.micro_batch_tokens // seq) * seq  # a full micro-batch of full-length sequences
