@@ -747,8 +747,8 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], cfg: Config, desc: s
 def sampling_weights(model, bf16: bool):
     """The policy generate samples from. Under FSDP2 the whole weights gathered on every rank (bf16 with bf16
     compute): generate then runs no collective per token, so no rank waits inside a forward for another. In one
-    process with bf16, a bf16 copy of the fp32 master weights, not autocast (Qwen3's fp32 q/k-norm weights make its
-    keys fp32); tied weights stay one tensor, buffers are shared."""
+    process with bf16, the model with bf16 copies of its fp32 master weights in their place, not autocast (Qwen3's
+    fp32 q/k-norm weights would make its keys fp32); the master weights are put back after sampling."""
     if groups := [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)]:
         model.set_reshard_after_forward(False)
         for group in groups:
@@ -761,16 +761,14 @@ def sampling_weights(model, bf16: bool):
             model.set_reshard_after_forward(True)
             model.set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root
     elif bf16 and next(model.parameters()).dtype != torch.bfloat16:
-        with torch.device("meta"):
-            copy = type(model)(model.config)
-        state = model.state_dict()
-        cast = {t.data_ptr(): t.to(torch.bfloat16) for t in {t.data_ptr(): t for t in state.values()}.values()}
-        copy.load_state_dict({name: cast[t.data_ptr()] for name, t in state.items()}, assign=True)
-        for name, buffer in model.named_buffers():
-            module, _, attr = name.rpartition(".")
-            setattr(copy.get_submodule(module), attr, buffer)
-        copy.generation_config = model.generation_config
-        yield copy.eval()  # freed once the step's calls are done: its memory serves the update
+        master = {p: p.data for p in model.parameters()}  # a tied weight is one parameter: one copy
+        try:
+            for p in master:
+                p.data = p.data.to(torch.bfloat16)  # freed when sampling ends: its memory serves the update
+            yield model
+        finally:
+            for p, data in master.items():
+                p.data = data
     else:
         yield model
 
