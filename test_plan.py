@@ -107,7 +107,8 @@ class LiveBytes(TorchDispatchMode):
         self.storages.discard(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.MATMULS and args[-1].dtype == torch.bfloat16:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if func in self.MATMULS and all(t.dtype == torch.bfloat16 for t in tensors):  # a mixed one still fails
             out = func(*(a.float() if isinstance(a, torch.Tensor) else a for a in args), **(kwargs or {})).bfloat16()
         else:
             out = func(*args, **(kwargs or {}))

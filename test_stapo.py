@@ -259,12 +259,22 @@ def test_training_logp_equals_sampler_logp_with_left_padding(tiny, precision, at
                            return_dict_in_generate=True)  # fmt: skip
     torch.manual_seed(1)
     with stapo.sampling_weights(model, bf16=precision == "bf16-autocast") as sampler:
-        out = sampler.eval().generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        out = sampler.generate(input_ids=ids, attention_mask=mask, generation_config=gen)  # Qwen3 has no dropout
     completions = out.sequences[:, ids.shape[1] :]  # (2, 10)
     sampled = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, completions[..., None]).squeeze(-1)
     rollouts = stapo.Rollouts(prompts, completions, torch.ones_like(completions, dtype=torch.bool), torch.zeros(2))
     logp, _ = stapo.score(model, rollouts, [0, 1], cfg)
     assert torch.allclose(logp, sampled, atol=atol), (logp - sampled).abs().max()
+
+
+def test_bf16_sampling_puts_the_fp32_master_weights_back_even_when_generate_fails(tiny, monkeypatch):
+    model, tok = tiny
+    before = {name: (p.data_ptr(), p.dtype) for name, p in model.named_parameters()}
+    monkeypatch.setattr(model, "generate", lambda **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        stapo.generate(model, tok, [stapo.encode_prompt("1+1?", tok)], tiny_cfg(precision="bf16-autocast"))
+    assert {name: (p.data_ptr(), p.dtype) for name, p in model.named_parameters()} == before
+    assert before["model.embed_tokens.weight"][1] == torch.float32
 
 
 def test_bf16_rollouts_cache_bf16_keys_and_values_without_autocast(tiny, monkeypatch):
