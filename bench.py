@@ -209,7 +209,7 @@ def self_check(argv: list[str]) -> int:
             model = stapo.load_model("tiny", device, tok) if cfg.model == "tiny" else \
                 AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # fmt: skip
     if cfg.gradient_checkpointing == "on":
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        stapo.enable_checkpointing(model)
     optimizer, _ = stapo.build_optimizer(model.train(), cfg)
     for param in model.parameters():  # AdamW's states, as from step 2 on: a step with zero gradients
         param.grad = torch.zeros_like(param)

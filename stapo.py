@@ -447,8 +447,8 @@ def train(cfg: Config):
     with loading(flag, name):  # under torchrun, sharded as it loads: only rank 0 reads the whole model
         load = load_model if world == 1 else functools.partial(load_sharded_model, bf16=uses_bf16(cfg, device))
         model = load(name, device, tokenizer, cfg.seed)
-    if cfg.gradient_checkpointing == "on":  # transformers before 5.23 has the old name only
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    if cfg.gradient_checkpointing == "on":
+        enable_checkpointing(model)
     model.train()
     optimizer, scheduler = build_optimizer(model, cfg)
     start, last = restore(cfg, model, optimizer, scheduler) if cfg.resume else 0, cfg.resume
@@ -858,6 +858,10 @@ def load_model(name: str, device: torch.device, tokenizer, seed: int = 0, dtype=
     torch.manual_seed(seed)
     model = transformers.Qwen3ForCausalLM(tiny_config())
     return (teach_format(model, tokenizer) if name == "tiny-sft" else model).to(device, dtype)
+
+
+def enable_checkpointing(model):  # transformers before 5.23 has the old name only
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
 
 
 def load_policy(name: str, device: torch.device, seed: int = 0, dtype=torch.float32):

@@ -530,7 +530,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     rollouts, advantages = rollout_batch(model, tok, cfg)
     plain_loss, plain = one_update(model, rollouts, advantages, cfg)
     checkpointed = copy.deepcopy(model)
-    (getattr(checkpointed, "activation_checkpointing_enable", None) or checkpointed.gradient_checkpointing_enable)()
+    stapo.enable_checkpointing(checkpointed)
     checkpointed.train()
     ckpt_loss, ckpt = one_update(checkpointed, rollouts, advantages, cfg)
     assert abs(plain_loss - ckpt_loss) < 1e-6
