@@ -24,18 +24,10 @@ import stapo
 PHASES = {  # the parts alive at the peak of each phase of a step
     "generation": ("weights", "adamw", "rollout_weights", "kv_cache", "sampling"),
     "scoring": ("weights", "adamw", "compute_weights", "forward_working", "lm_head_chunk"),
-    "update": (
-        "weights",
-        "gradients",
-        "adamw",
-        "compute_weights",
-        "activations",
-        "lm_head_backward",
-        "recompute",
-        "tied_grads",
-    ),  # fmt: skip
+    "update": ("weights", "gradients", "adamw", "compute_weights", "activations", "lm_head_backward", "recompute",
+               "tied_grads"),  # not all at once: plan_memory takes the update's peak part by part
     "optimizer step": ("weights", "gradients", "adamw", "optimizer_temporaries"),
-}
+}  # fmt: skip
 PART_LABELS = {
     "weights": "fp32 weights", "gradients": "fp32 gradients", "adamw": "AdamW states (2 x fp32)",
     "optimizer_temporaries": "AdamW step temporaries", "compute_weights": "bf16 weight copies (autocast / FSDP)",
